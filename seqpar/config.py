@@ -1,0 +1,269 @@
+"""Typed configuration for seqpar.
+
+Library code takes these plain dataclasses; Hydra stays at the edge (``train.py``), where the YAML
+groups under ``conf/`` (mirroring these classes) are merged with command-line overrides, checked
+against the schemas registered in :func:`register_configs`, and turned back into dataclasses, so
+every ``__post_init__`` validation below runs on the final values.
+
+Every check raises :class:`ConfigError` with one sentence that names the field and the fix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A user-fixable configuration mistake; the message names the field and the fix."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    _check(value in choices, f"{name}={value!r} is not one of {list(choices)}; pick one of those.")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    _check(value > 0, f"{name}={value} must be > 0.")
+
+
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "sdpa_flash", "sdpa_cudnn")
+LAYOUTS = ("zigzag", "striped", "contiguous")
+
+
+@dataclass
+class ModelConfig:
+    """Llama-style decoder shape. ``vocab_size=None`` takes the tokenizer's size (rounded up to 64)."""
+
+    name: str = "tiny"
+    vocab_size: Optional[int] = None
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None: same as n_heads (multi-head attention)
+    ffn_hidden: Optional[int] = None  # None: Llama rule from dim, multiple_of, ffn_dim_multiplier
+    multiple_of: int = 64
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # Hugging Face style rope_scaling dict
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of"):
+            _check_positive(f"model.{name}", getattr(self, name))
+        if self.vocab_size is not None:
+            _check_positive("model.vocab_size", self.vocab_size)
+        _check(
+            self.n_heads % self.n_kv_heads == 0,
+            f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}; "
+            "set n_kv_heads to a divisor of n_heads.",
+        )
+        _check(
+            self.dim % self.n_heads == 0,
+            f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}; "
+            "set dim to a multiple of n_heads.",
+        )
+        _check(
+            self.head_dim % 2 == 0,
+            f"model.dim / model.n_heads = {self.head_dim} must be even for RoPE; change dim or n_heads.",
+        )
+        if self.ffn_hidden is None:
+            hidden = int(2 * (4 * self.dim) / 3)
+            if self.ffn_dim_multiplier is not None:
+                hidden = int(self.ffn_dim_multiplier * hidden)
+            self.ffn_hidden = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        _check_positive("model.ffn_hidden", self.ffn_hidden)
+        _check_positive("model.rope_theta", self.rope_theta)
+        if self.rope_scaling is not None:
+            _check(
+                isinstance(self.rope_scaling, dict)
+                and ("rope_type" in self.rope_scaling or "type" in self.rope_scaling),
+                "model.rope_scaling must be a dict with a 'rope_type' key (e.g. {rope_type: yarn, factor: 4}).",
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+@dataclass
+class ParallelConfig:
+    """Device mesh: ``dp * cp`` must equal the world size (``dp=-1`` fills in the rest)."""
+
+    dp: int = -1
+    cp: int = 1
+    layout: str = "zigzag"
+    attention_backend: str = "auto"
+    dist_backend: str = "auto"  # auto: nccl with CUDA, gloo otherwise
+
+    def __post_init__(self) -> None:
+        _check(self.dp == -1 or self.dp > 0, f"parallel.dp={self.dp} must be a positive integer or -1 (auto).")
+        _check_positive("parallel.cp", self.cp)
+        _check_choice("parallel.layout", self.layout, LAYOUTS)
+        _check_choice("parallel.attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        _check_choice("parallel.dist_backend", self.dist_backend, ("auto", "nccl", "gloo"))
+
+    def resolve(self, world_size: int) -> tuple[int, int]:
+        """Return ``(dp, cp)`` for ``world_size`` processes, or raise naming the fix."""
+        _check(
+            world_size % self.cp == 0,
+            f"parallel.cp={self.cp} does not divide the world size {world_size}; "
+            f"choose cp among the divisors of {world_size}.",
+        )
+        dp = world_size // self.cp if self.dp == -1 else self.dp
+        _check(
+            dp * self.cp == world_size,
+            f"parallel.dp={dp} x parallel.cp={self.cp} = {dp * self.cp} but the world size is {world_size}; "
+            "set dp=-1 or make dp*cp equal the number of processes.",
+        )
+        return dp, self.cp
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from. ``source=stdlib`` is the embedded corpus (no download)."""
+
+    source: str = "stdlib"  # stdlib | text | jsonl
+    paths: list = field(default_factory=list)  # files or globs for text / jsonl
+    jsonl_field: str = "text"
+    tokenizer: str = "byte"  # byte | bpe
+    bpe_vocab_size: int = 4096
+    cache_dir: str = "~/.cache/seqpar"
+    val_fraction: float = 0.01
+    position_ids: str = "sequence"  # sequence: 0..S-1 per packed row; document: reset at each document
+    max_bytes: Optional[int] = None  # cap on corpus size read (None: all)
+
+    def __post_init__(self) -> None:
+        _check_choice("data.source", self.source, ("stdlib", "text", "jsonl"))
+        _check_choice("data.tokenizer", self.tokenizer, ("byte", "bpe"))
+        _check_choice("data.position_ids", self.position_ids, ("sequence", "document"))
+        _check(0.0 <= self.val_fraction < 1.0, f"data.val_fraction={self.val_fraction} must be in [0, 1).")
+        _check(
+            self.source == "stdlib" or len(self.paths) > 0,
+            f"data.source={self.source} needs data.paths (a list of files or globs), e.g. data.paths=[corpus.txt].",
+        )
+        _check(self.bpe_vocab_size >= 260, f"data.bpe_vocab_size={self.bpe_vocab_size} must be >= 260.")
+        if self.max_bytes is not None:
+            _check_positive("data.max_bytes", self.max_bytes)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr``."""
+
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # <= 0 disables clipping
+
+    def __post_init__(self) -> None:
+        _check_positive("optim.lr", self.lr)
+        _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0.")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1).")
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0.")
+        _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1].")
+
+
+@dataclass
+class TrainConfig:
+    """The loop: global sequence length, per-data-parallel-rank micro-batch, accumulation, steps."""
+
+    seq_len: int = 256
+    batch_size: int = 8
+    grad_accum: int = 1
+    steps: int = 200
+    seed: int = 1234
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 | fp32
+    eval_every: int = 100  # 0 disables
+    eval_batches: int = 4
+    max_minutes: float = 0.0  # 0: no wall-clock budget
+    loss_chunk: int = 1024  # tokens per chunk of the chunked cross-entropy
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_batches", "loss_chunk"):
+            _check_positive(f"train.{name}", getattr(self, name))
+        _check(self.seq_len >= 2, f"train.seq_len={self.seq_len} must be >= 2.")
+        _check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        _check_choice("train.dtype", self.dtype, ("auto", "bf16", "fp32"))
+        _check(self.eval_every >= 0, f"train.eval_every={self.eval_every} must be >= 0 (0 disables).")
+        _check(self.max_minutes >= 0, f"train.max_minutes={self.max_minutes} must be >= 0 (0: no budget).")
+
+
+@dataclass
+class LoggingConfig:
+    """Console + JSONL always (rank 0); wandb when ``wandb=true`` (offline unless WANDB_API_KEY is set)."""
+
+    log_every: int = 10
+    run_dir: str = "runs/default"
+    progress: bool = True  # a progress bar on rank 0 when attached to a terminal
+    wandb: bool = False
+    wandb_project: str = "seqpar"
+    peak_tflops: float = 0.0  # per-device bf16 peak for MFU; 0: look up the GPU, or skip MFU on CPU
+
+    def __post_init__(self) -> None:
+        _check_positive("logging.log_every", self.log_every)
+        _check(bool(self.run_dir), "logging.run_dir must be a non-empty path.")
+
+
+@dataclass
+class CheckpointConfig:
+    """Atomic checkpoints under ``<run_dir>/checkpoints``; ``every=0`` disables saving."""
+
+    every: int = 0
+    keep_last: int = 2
+    resume: bool = True  # resume from the latest complete checkpoint in the run dir
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0, f"checkpoint.every={self.every} must be >= 0 (0 disables).")
+        _check_positive("checkpoint.keep_last", self.keep_last)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        cp = self.parallel.cp
+        need = 2 * cp if self.parallel.layout == "zigzag" else cp
+        _check(
+            cp == 1 or self.train.seq_len % need == 0,
+            f"train.seq_len={self.train.seq_len} is not divisible by {need} "
+            f"(parallel.layout={self.parallel.layout} with cp={cp} needs a multiple of {need}); "
+            f"use seq_len={need * max(1, round(self.train.seq_len / need))}.",
+        )
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore so YAML groups are type-checked against them."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="seqpar_schema", node=Config)
+    for group, cls in (
+        ("model", ModelConfig),
+        ("parallel", ParallelConfig),
+        ("data", DataConfig),
+        ("optim", OptimConfig),
+        ("train", TrainConfig),
+        ("logging", LoggingConfig),
+        ("checkpoint", CheckpointConfig),
+    ):
+        cs.store(group=group, name=f"{group}_schema", node=cls)

@@ -1,0 +1,37 @@
+"""Naive float64 attention: the obviously-correct reference every kernel is compared with.
+
+Materialises the full score matrix, so only for small sizes. Shapes follow the public contract:
+q ``[B, Sq, H, D]``, k/v ``[B, Sk, Hkv, D]``, lse ``[B, H, Sq]``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def naive_attention(q, k, v, *, causal=False, softmax_scale=None, q_offset=0, k_offset=0, window_left=None,
+                    q_doc_ids=None, k_doc_ids=None):
+    """Returns (out, lse) in float64; rows with no visible key give out 0 and lse -inf."""
+    q, k, v = q.double(), k.double(), v.double()
+    b, sq, h, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    k = k.repeat_interleave(h // hkv, dim=2)  # [B, Sk, H, D]: head h uses kv head h // G
+    v = v.repeat_interleave(h // hkv, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    qpos = torch.arange(sq)[:, None] + q_offset
+    kpos = torch.arange(sk)[None, :] + k_offset
+    mask = torch.ones(sq, sk, dtype=torch.bool)
+    if causal:
+        mask &= qpos >= kpos
+    if window_left is not None:
+        mask &= (qpos - kpos) <= window_left
+    mask = mask[None, None].expand(b, h, sq, sk)
+    if q_doc_ids is not None:
+        mask = mask & (q_doc_ids[:, :, None] == k_doc_ids[:, None, :])[:, None]
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # [B, H, Sq]
+    p = torch.exp(s - torch.where(lse == float("-inf"), 0.0, lse)[..., None]).masked_fill(~mask, 0.0)
+    out = torch.einsum("bhqk,bkhd->bqhd", p, v)
+    return out, lse
