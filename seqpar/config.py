@@ -10,7 +10,7 @@ Every check raises :class:`ConfigError` with one sentence that names the field a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional
 
 
 class ConfigError(ValueError):
@@ -49,7 +49,7 @@ class ModelConfig:
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: Optional[dict] = None  # Hugging Face style rope_scaling dict
+    rope_scaling: Optional[Dict[str, Any]] = None  # Hugging Face style rope_scaling dict
     tie_embeddings: bool = False
     init_std: float = 0.02
 
@@ -131,7 +131,7 @@ class DataConfig:
     """Where tokens come from. ``source=stdlib`` is the embedded corpus (no download)."""
 
     source: str = "stdlib"  # stdlib | text | jsonl
-    paths: list = field(default_factory=list)  # files or globs for text / jsonl
+    paths: List[str] = field(default_factory=list)  # files or globs for text / jsonl
     jsonl_field: str = "text"
     tokenizer: str = "byte"  # byte | bpe
     bpe_vocab_size: int = 4096
@@ -252,18 +252,14 @@ class Config:
 
 
 def register_configs() -> None:
-    """Register the schemas with Hydra's ConfigStore so YAML groups are type-checked against them."""
+    """Register the root schema with Hydra's ConfigStore: every YAML group and command-line override is
+    merged into it, so unknown keys and wrong types fail before any of our code runs."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
-    cs = ConfigStore.instance()
-    cs.store(name="seqpar_schema", node=Config)
-    for group, cls in (
-        ("model", ModelConfig),
-        ("parallel", ParallelConfig),
-        ("data", DataConfig),
-        ("optim", OptimConfig),
-        ("train", TrainConfig),
-        ("logging", LoggingConfig),
-        ("checkpoint", CheckpointConfig),
-    ):
-        cs.store(group=group, name=f"{group}_schema", node=cls)
+    schema = OmegaConf.structured(Config)
+    # Building the schema ran ModelConfig.__post_init__, which fills derived fields; reset them so a
+    # preset or override of n_heads / dim re-derives them instead of inheriting the defaults' values.
+    schema.model.n_kv_heads = None
+    schema.model.ffn_hidden = None
+    ConfigStore.instance().store(name="seqpar_schema", node=schema)

@@ -1,0 +1,240 @@
+"""Llama-style decoder with an injected attention function.
+
+The model knows nothing about sequence parallelism: it takes global ``positions`` for RoPE and calls
+``attn_fn(q, k, v, *, causal, softmax_scale)`` per layer. On one device that is
+:func:`seqpar.ops.attention`; under context parallelism the trainer injects ring attention over the
+cp group, and the same module runs on each rank's local shard of the sequence.
+
+Parameter names follow Meta's Llama / torchtitan (``tok_embeddings``, ``layers.{i}.attention.wq``,
+``feed_forward.w1``, ``norm``, ``output``); ``seqpar.models.hf`` maps them to Hugging Face names.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from seqpar.config import ConfigError, ModelConfig
+from seqpar.ops.loss import chunked_cross_entropy
+from seqpar.ops.rope import apply_rope, compute_inv_freq, rope_cos_sin
+
+# attn_fn(q [B,S,H,D], k [B,S,Hkv,D], v [B,S,Hkv,D], *, causal, softmax_scale) -> [B,S,H,D]
+AttnFn = Callable[..., torch.Tensor]
+
+
+def default_attention(q, k, v, *, causal: bool, softmax_scale: float) -> torch.Tensor:
+    """Single-device attention via :func:`seqpar.ops.attention` (imported lazily: ops may load kernels)."""
+    from seqpar.ops import attention
+
+    return attention(q, k, v, causal=causal, softmax_scale=softmax_scale, backend="auto")
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm; the statistic is computed in fp32 whatever the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        # Cast back before the weight, as HF's LlamaRMSNorm does, so imported checkpoints match bit-for-bit.
+        return self.weight * normed.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention: RoPE on q and k, then the injected ``attn_fn``."""
+
+    def __init__(self, cfg: ModelConfig, attn_fn: AttnFn):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.attn_fn = attn_fn
+        # 1/sqrt(D) always: a RoPE attention_scale (YaRN mscale) is already folded into cos/sin, as in
+        # HF, so applying it here too would scale the logits twice.
+        self.softmax_scale = 1.0 / math.sqrt(cfg.head_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        q = self.wq(x).view(B, S, self.n_heads, self.head_dim)  # [B, S, H*D] -> [B, S, H, D]
+        k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim)  # [B, S, Hkv*D] -> [B, S, Hkv, D]
+        v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # k/v stay un-expanded: the attention kernel (and ring attention, which ships k/v around the
+        # ring) handles GQA, so we never send n_heads/n_kv_heads times more bytes than needed.
+        out = self.attn_fn(q, k, v, causal=True, softmax_scale=self.softmax_scale)  # [B, S, H, D]
+        return self.wo(out.reshape(B, S, self.n_heads * self.head_dim))  # [B, S, H, D] -> [B, S, H*D]
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP: ``w2(silu(w1 x) * w3 x)``."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(dim, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, dim, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: ``h + attn(norm(h))`` then ``h + ffn(norm(h))``. The unit FSDP2 and AC wrap."""
+
+    def __init__(self, cfg: ModelConfig, attn_fn: AttnFn):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg, attn_fn)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = h + self.attention(self.attention_norm(h), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Llama(nn.Module):
+    """Llama-style decoder LM returning final-normed hidden states (the loss applies the head in chunks).
+
+    Args:
+        cfg: model shape; ``cfg.vocab_size`` must already be set (the trainer fills it from the tokenizer).
+        attn_fn: ``attn_fn(q [B,S,H,D], k [B,S,Hkv,D], v [B,S,Hkv,D], *, causal, softmax_scale) -> [B,S,H,D]``;
+            None uses :func:`default_attention` (``seqpar.ops.attention``, backend "auto").
+
+    Raises:
+        ConfigError: ``cfg.vocab_size`` is not set.
+    """
+
+    def __init__(self, cfg: ModelConfig, attn_fn: Optional[AttnFn] = None):
+        super().__init__()
+        if not isinstance(cfg.vocab_size, int) or isinstance(cfg.vocab_size, bool):
+            raise ConfigError(
+                f"model.vocab_size={cfg.vocab_size!r} must be set to an int before building the model; "
+                "set it explicitly or let the trainer fill it from the tokenizer."
+            )
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        attn_fn = attn_fn if attn_fn is not None else default_attention
+        self.layers = nn.ModuleList(TransformerBlock(cfg, attn_fn) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        # Tied: no second module; the head reads the embedding table (see output_weight), which keeps
+        # one parameter, one state-dict entry and one FSDP shard instead of an aliased pair.
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # RoPE tables live outside parameters/buffers on purpose: model.to(bf16) must not round them,
+        # and building on the meta device must not leave them empty. Per-device copies are cached.
+        inv_freq, self.rope_attention_scale = compute_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self._inv_freq = {torch.device("cpu"): inv_freq}  # device -> [D/2] float32
+        self.init_weights()
+
+    # ---- attention injection ---------------------------------------------------------------------
+    def set_attn_fn(self, attn_fn: Optional[AttnFn]) -> None:
+        """Swap the attention function of every layer (None: back to :func:`default_attention`)."""
+        for layer in self.layers:
+            layer.attention.attn_fn = attn_fn if attn_fn is not None else default_attention
+
+    # ---- init --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, generator: Optional[torch.Generator] = None) -> None:
+        """Re-initialise all parameters (also the path after ``to_empty`` for a meta-device build).
+
+        normal(0, init_std) for embedding and linears; the residual-branch output projections (``wo``,
+        ``w2``) get ``init_std / sqrt(2 * n_layers)`` because the residual stream is a sum of
+        ``2 * n_layers`` such branch outputs, so this keeps its variance at init independent of depth
+        (GPT-2 / Megatron). Norm weights are 1.
+
+        Args:
+            generator: for a reproducible init independent of the global RNG; it must live on the
+                parameters' device. None draws from the global RNG (``torch.manual_seed``).
+        """
+        std = self.cfg.init_std
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, 0.0, std, generator=generator)
+        for layer in self.layers:
+            attn, ffn = layer.attention, layer.feed_forward
+            for lin in (attn.wq, attn.wk, attn.wv, ffn.w1, ffn.w3):
+                nn.init.normal_(lin.weight, 0.0, std, generator=generator)
+            for lin in (attn.wo, ffn.w2):
+                nn.init.normal_(lin.weight, 0.0, residual_std, generator=generator)
+            layer.attention_norm.reset_parameters()
+            layer.ffn_norm.reset_parameters()
+        self.norm.reset_parameters()
+        if self.output is not None:
+            nn.init.normal_(self.output.weight, 0.0, std, generator=generator)
+
+    # ---- forward -----------------------------------------------------------------------------------
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """``[V, dim]`` weight of the LM head (the embedding table when tied)."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def _rope_inv_freq(self, device: torch.device) -> torch.Tensor:
+        if device not in self._inv_freq:
+            self._inv_freq[device] = self._inv_freq[torch.device("cpu")].to(device)
+        return self._inv_freq[device]
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states.
+
+        Args:
+            tokens: ``[B, S]`` int64 token ids (a rank's local shard under context parallelism).
+            positions: ``[B, S]`` int64 GLOBAL positions of those tokens (drive RoPE only; causality
+                comes from ``attn_fn``, which knows the layout).
+
+        Returns:
+            ``[B, S, dim]`` hidden states after the final norm; use :meth:`loss` or :meth:`logits`.
+        """
+        if tokens.shape != positions.shape:
+            raise ValueError(f"tokens {tuple(tokens.shape)} and positions {tuple(positions.shape)} must both be [B, S].")
+        h = self.tok_embeddings(tokens)  # [B, S] -> [B, S, dim]
+        cos, sin = rope_cos_sin(positions, self._rope_inv_freq(positions.device), self.rope_attention_scale)
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return self.norm(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[B, S, dim] -> [B, S, V]`` full logits (evaluation / generation; training uses :meth:`loss`)."""
+        return F.linear(hidden, self.output_weight)
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024, ignore_index: int = -100):
+        """``(loss_sum, n_tokens)`` of the LM head on ``hidden [B,S,dim]`` vs ``labels [B,S]``; see
+        :func:`seqpar.ops.loss.chunked_cross_entropy`. Divide by the token count summed over ranks."""
+        return chunked_cross_entropy(
+            hidden, self.output_weight, labels, chunk_size=chunk_size, ignore_index=ignore_index
+        )
+
+    # ---- accounting --------------------------------------------------------------------------------
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Number of parameters; ``exclude_embedding`` drops the input embedding table (which, when
+        tied, is also the LM head)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.tok_embeddings.weight.numel() if exclude_embedding else n
+
+    def flops_per_token(self, seq_len: int, causal: bool = True) -> float:
+        """Training (forward + backward) FLOPs per token, for MFU.
+
+        ``6 * N_matmul + attention``, where ``N_matmul`` counts the weights used in matmuls (q/k/v/o,
+        w1/w2/w3 of every layer, and the ``V x dim`` LM head, tied or not; not the embedding lookup nor
+        the norms): each such weight costs 2 FLOPs forward and 4 backward per token. Attention scores
+        ``QK^T`` and ``PV`` cost ``2 * 2 * seq_len * dim`` forward per token per layer, x3 with
+        backward: ``12 * n_layers * dim * seq_len`` with full attention. With ``causal`` (the default)
+        we count only the unmasked half, ``6 * n_layers * dim * seq_len``, i.e. the work a
+        causal-skipping kernel actually does (some MFU reports use the full 12; ours is conservative).
+        """
+        c = self.cfg
+        kv_dim = c.n_kv_heads * c.head_dim
+        per_layer = c.dim * c.dim * 2 + c.dim * kv_dim * 2 + 3 * c.dim * c.ffn_hidden  # wq, wo, wk, wv, w1..3
+        n_matmul = c.n_layers * per_layer + c.vocab_size * c.dim
+        attn = (6 if causal else 12) * c.n_layers * c.dim * seq_len
+        return float(6 * n_matmul + attn)

@@ -1,0 +1,114 @@
+"""Throughput arithmetic and metric sinks (console, JSONL, optional wandb, progress bar).
+
+FLOPs per token follow the PaLM / Megatron convention, counted for forward + backward (x3 forward):
+
+    6 * N_matmul                        (every weight matrix: 2 FLOPs per multiply-add, x3 for fwd+bwd)
+  + 6 * n_layers * dim * seq_len        (attention scores and weighted sum, causal: half of 12*L*d*S)
+
+``N_matmul`` counts the attention, MLP and output-projection weights (not the input embedding, a
+gather). MFU = achieved FLOP/s per device / the device's dense bf16 peak. Activation recomputation
+is not counted (MFU, not HFU).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' datasheets.
+_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
+
+
+def peak_tflops(device: torch.device, override: float = 0.0) -> float:
+    """Per-device bf16 peak used for MFU; 0 when unknown (CPU), which disables MFU."""
+    if override > 0:
+        return override
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    for key, val in _PEAK_TFLOPS.items():
+        if key in name:
+            return val
+    return 0.0
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated memory on this device since start (CUDA), or the process's peak RSS (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    except ImportError:  # pragma: no cover - non-POSIX
+        return 0.0
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricsLogger:
+    """Rank-0 sink: one console line per log step, every record to ``<run_dir>/metrics.jsonl``,
+    and wandb when enabled (imported lazily; offline without WANDB_API_KEY so it never waits on a network)."""
+
+    def __init__(self, run_dir: str, *, enabled: bool, use_wandb: bool, project: str, config: dict,
+                 progress: bool, total_steps: int):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.progress = progress and enabled and sys.stderr.isatty()
+        self._jsonl = None
+        self._wandb = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
+        if use_wandb:
+            if not os.environ.get("WANDB_API_KEY"):
+                os.environ.setdefault("WANDB_MODE", "offline")
+            try:
+                import wandb
+            except ImportError as e:
+                raise RuntimeError("logging.wandb=true but wandb is not installed; "
+                                   "pip install 'seqpar[wandb]' or set logging.wandb=false.") from e
+            self._wandb = wandb.init(project=project, config=config, dir=run_dir,
+                                     settings=wandb.Settings(init_timeout=30))
+
+    def log(self, record: dict, line: Optional[str] = None) -> None:
+        if not self.enabled:
+            return
+        record = {"time": time.time(), **record}
+        self._jsonl.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step"))
+        if line is not None:
+            if self.progress:
+                sys.stderr.write("\r\033[K")
+            print(line, flush=True)
+
+    def tick(self, step: int, loss: float) -> None:
+        """Redraw the one-line progress bar (only when attached to a terminal)."""
+        if not self.progress:
+            return
+        width = 30
+        done = int(width * step / max(1, self.total_steps))
+        sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {step}/{self.total_steps} loss {loss:.4f}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.progress:
+            sys.stderr.write("\n")
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._wandb is not None:
+            self._wandb.finish()

@@ -1,0 +1,265 @@
+"""The training loop: one code path for 1 process and for a dp x cp mesh of many.
+
+Reads top to bottom: build mesh -> data -> model -> optimizer -> (resume) -> steps. One step:
+
+    fetch grad_accum micro-batches [B, S] for this dp rank
+    count target tokens of the whole global batch (all-reduce over dp)
+    per micro-batch: shard tokens/labels/positions along the sequence for this cp rank (layout),
+        forward (ring attention when cp > 1), chunked loss SUM / global token count, backward
+    all-reduce gradients (SUM over every rank: dp ranks saw different rows, cp ranks different tokens)
+    clip, AdamW step, schedule step
+
+Dividing each rank's loss sum by the *global* token count makes the summed gradient exactly the
+gradient of the global mean loss, whatever the mesh: cp=1 and cp=N give the same numbers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+import os
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from seqpar.config import Config, ConfigError
+from seqpar.data import build_data
+from seqpar.models.llama import Llama
+from seqpar.ops import attention
+from seqpar.parallel.mesh import Mesh
+from seqpar.train.checkpoint import load_latest, save_checkpoint
+from seqpar.train.metrics import MetricsLogger, format_eta, peak_memory_gib, peak_tflops
+
+
+def lr_multiplier(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine from 1 to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _resolve_vocab(cfg: Config, tokenizer_vocab: int) -> Config:
+    if cfg.model.vocab_size is None:
+        # Round up to a multiple of 64: tensor-core friendly output projection.
+        model = dataclasses.replace(cfg.model, vocab_size=64 * math.ceil(tokenizer_vocab / 64))
+        return dataclasses.replace(cfg, model=model)
+    if cfg.model.vocab_size < tokenizer_vocab:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer_vocab} ids; set model.vocab_size=null (automatic) or >= {tokenizer_vocab}.")
+    return cfg
+
+
+class Trainer:
+    def __init__(self, cfg: Config, mesh: Mesh):
+        self.mesh = mesh
+        self.device = mesh.device
+        self.start_time = time.time()
+        torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+
+        self.train_data, self.val_data, self.tokenizer = build_data(
+            cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+            dp_rank=mesh.dp_rank, dp_size=mesh.dp)
+        self.cfg = cfg = _resolve_vocab(cfg, self.tokenizer.vocab_size)
+
+        self.model = Llama(cfg.model, attn_fn=self._attention_fn()).to(self.device)
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]  # no decay on norms
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=self.device.type == "cuda")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(
+            lr_multiplier, warmup=o.warmup_steps, total=cfg.train.steps, min_ratio=o.min_lr_ratio))
+        self.autocast = self._autocast_dtype()
+        self.step = 0
+        self.ckpt_dir = os.path.join(cfg.logging.run_dir, "checkpoints")
+        self.logger = MetricsLogger(
+            cfg.logging.run_dir, enabled=mesh.is_main, use_wandb=cfg.logging.wandb, project=cfg.logging.wandb_project,
+            config=dataclasses.asdict(cfg), progress=cfg.logging.progress, total_steps=cfg.train.steps)
+        self.peak = peak_tflops(self.device, cfg.logging.peak_tflops)
+        self.flops_per_token = self.model.flops_per_token(cfg.train.seq_len)
+        if cfg.checkpoint.resume:
+            self._resume()
+
+    # ----------------------------------------------------------------------------------- setup
+    def _attention_fn(self):
+        p = self.cfg.parallel
+        if self.mesh.cp == 1:
+            return functools.partial(attention, backend=p.attention_backend)
+        from seqpar.parallel.ring_attention import make_ring_attn_fn
+
+        return make_ring_attn_fn(self.mesh.cp_group, layout=p.layout, backend=p.attention_backend)
+
+    def _autocast_dtype(self) -> Optional[torch.dtype]:
+        dtype = self.cfg.train.dtype
+        if dtype == "bf16" or (dtype == "auto" and self.device.type == "cuda"):
+            return torch.bfloat16
+        return None
+
+    def _resume(self) -> None:
+        loaded = load_latest(self.ckpt_dir, rank=self.mesh.rank, world_size=self.mesh.world_size)
+        if loaded is None:
+            return
+        step, state = loaded
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.train_data.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng_cpu"])
+        if self.device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+        self.step = step
+        if self.mesh.is_main:
+            print(f"resumed from {self.ckpt_dir} at step {step}", flush=True)
+
+    def _save(self) -> None:
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "data": self.train_data.state_dict(),
+                 "rng_cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        save_checkpoint(self.ckpt_dir, self.step, state, rank=self.mesh.rank, world_size=self.mesh.world_size,
+                        keep_last=self.cfg.checkpoint.keep_last)
+
+    # ------------------------------------------------------------------------------------ step
+    def _shard(self, x: torch.Tensor) -> torch.Tensor:
+        """This cp rank's part of a ``[B, S]`` tensor along the sequence (identity when cp == 1)."""
+        if self.mesh.cp == 1:
+            return x
+        from seqpar.parallel.layout import shard_sequence
+
+        return shard_sequence(x, 1, layout=self.cfg.parallel.layout, rank=self.mesh.cp_rank,
+                              world_size=self.mesh.cp)
+
+    def _all_reduce(self, t: torch.Tensor, group=None) -> torch.Tensor:
+        if self.mesh.world_size > 1:
+            dist.all_reduce(t, group=group)
+        return t
+
+    def _loss_sum(self, batch: dict) -> torch.Tensor:
+        tokens, labels, positions = (self._shard(batch[k]).to(self.device, non_blocking=True)
+                                     for k in ("tokens", "labels", "positions"))
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            hidden = self.model(tokens, positions)  # [B, S/cp, dim]
+            loss_sum, _ = self.model.loss(hidden, labels, chunk_size=self.cfg.train.loss_chunk)
+        return loss_sum
+
+    def train_step(self) -> dict:
+        micro = [next(self.train_data) for _ in range(self.cfg.train.grad_accum)]
+        # Target tokens of the global batch: cp ranks of one dp rank hold the same rows, so reduce over dp.
+        n_tokens = sum((b["labels"] != -100).sum() for b in micro).to(self.device, torch.float64)
+        n_tokens = self._all_reduce(n_tokens, self.mesh.dp_group).clamp_min(1)
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        for batch in micro:
+            loss_sum = self._loss_sum(batch)
+            (loss_sum / n_tokens.float()).backward()
+            total += loss_sum.detach().double()
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if self.mesh.world_size > 1:
+            flat = torch._utils._flatten_dense_tensors(grads)  # one all-reduce instead of one per tensor
+            dist.all_reduce(flat)
+            for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                g.copy_(synced)
+        clip = self.cfg.optim.grad_clip
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._all_reduce(total) / n_tokens
+        return {"loss": loss, "grad_norm": gnorm, "tokens": n_tokens, "lr": lr}
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        if self.val_data is None:
+            return None
+        self.model.eval()
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        count = torch.zeros((), device=self.device, dtype=torch.float64)
+        # A val iterator restarts at its first batch on iter(), so every eval sees the same rows.
+        for batch in itertools.islice(iter(self.val_data), self.cfg.train.eval_batches):
+            total += self._loss_sum(batch).double()
+            count += (batch["labels"] != -100).sum().to(self.device)
+        self.model.train()
+        total = self._all_reduce(total)
+        count = self._all_reduce(count, self.mesh.dp_group)
+        return (total / count.clamp_min(1)).item()
+
+    # ------------------------------------------------------------------------------------ loop
+    def fit(self, until: Optional[int] = None) -> dict:
+        """Train to ``train.steps`` (or stop early at step ``until``, checkpointing there if enabled)."""
+        cfg, mesh = self.cfg, self.mesh
+        until = cfg.train.steps if until is None else min(until, cfg.train.steps)
+        if mesh.is_main:
+            n = self.model.num_params()
+            print(f"seqpar | {mesh.describe()} | model {cfg.model.name}: {n / 1e6:.2f}M params | "
+                  f"seq_len {cfg.train.seq_len} | batch {cfg.train.batch_size}x{cfg.train.grad_accum}x{mesh.dp} | "
+                  f"attention {cfg.parallel.attention_backend} layout {cfg.parallel.layout} | run_dir {cfg.logging.run_dir}",
+                  flush=True)
+            if self.step >= cfg.train.steps:
+                print(f"already trained to step {self.step} >= train.steps={cfg.train.steps}; nothing to do "
+                      "(raise train.steps, or use another logging.run_dir).", flush=True)
+        self.model.train()
+        history = []
+        t_last, tokens_since, steps_since = time.time(), 0.0, 0
+        first_step = self.step
+        while self.step < until:
+            out = self.train_step()
+            self.step += 1
+            tokens_since += cfg.train.batch_size * cfg.train.seq_len * cfg.train.grad_accum * mesh.dp
+            steps_since += 1
+            if mesh.is_main and self.logger.progress:
+                self.logger.tick(self.step, out["loss"].item())
+            is_last = self.step == cfg.train.steps
+            if self.step % cfg.logging.log_every == 0 or is_last or self.step == first_step + 1:
+                history.append(self._log(out, time.time() - t_last, tokens_since, first_step))
+                t_last, tokens_since, steps_since = time.time(), 0.0, 0
+            if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or is_last):
+                val = self.evaluate()
+                if val is not None:
+                    self.logger.log({"step": self.step, "val_loss": val},
+                                    f"step {self.step:>6} | val_loss {val:.4f} | val_ppl {math.exp(min(val, 50)):.2f}")
+                    history[-1]["val_loss"] = val
+            if cfg.checkpoint.every and (self.step % cfg.checkpoint.every == 0 or self.step == until):
+                self._save()
+            if cfg.train.max_minutes and (time.time() - self.start_time) / 60 >= cfg.train.max_minutes:
+                if mesh.is_main:
+                    print(f"train.max_minutes={cfg.train.max_minutes} reached at step {self.step}; stopping.", flush=True)
+                if cfg.checkpoint.every and not is_last:
+                    self._save()
+                break
+        self.logger.close()
+        return {"history": history, "step": self.step}
+
+    def _log(self, out: dict, dt: float, tokens: float, first_step: int) -> dict:
+        loss = out["loss"].item()  # .item() synchronises, so dt covers the GPU work
+        tps = tokens / max(dt, 1e-9)
+        tflops = self.flops_per_token * tps / self.mesh.world_size / 1e12  # per device
+        steps_left = self.cfg.train.steps - self.step
+        sec_per_step = (time.time() - self.start_time) / max(1, self.step - first_step)
+        rec = {"step": self.step, "loss": loss, "grad_norm": out["grad_norm"].item(),
+               "lr": out["lr"], "tokens_per_s": tps,
+               "tokens_per_s_per_device": tps / self.mesh.world_size, "tflops_per_device": tflops,
+               "mfu": tflops / self.peak if self.peak else None, "peak_mem_gib": peak_memory_gib(self.device),
+               "elapsed_s": time.time() - self.start_time}
+        mfu = f" | MFU {rec['mfu']:.1%}" if self.peak else ""
+        line = (f"step {self.step:>6}/{self.cfg.train.steps} | loss {loss:.4f} | gnorm {rec['grad_norm']:.3f} | "
+                f"lr {rec['lr']:.2e} | tok/s {tps:,.0f} | TFLOP/s/dev {tflops:.2f}{mfu} | "
+                f"mem {rec['peak_mem_gib']:.2f}GiB | eta {format_eta(steps_left * sec_per_step)}")
+        self.logger.log(rec, line)
+        return rec
+
+
+def run(cfg: Config) -> dict:
+    """Set up the mesh from the environment (torchrun, srun or one process), train, tear down."""
+    from seqpar.parallel.mesh import destroy_mesh, init_mesh
+
+    mesh = init_mesh(cfg.parallel, cfg.train.device)
+    try:
+        return Trainer(cfg, mesh).fit()
+    finally:
+        destroy_mesh()

@@ -1,0 +1,40 @@
+"""seqpar training entry point.
+
+    python train.py                                   # tiny model on the embedded corpus, CPU or 1 GPU
+    python train.py model=llama3-1b train.seq_len=65536 parallel.cp=2
+    torchrun --nproc_per_node=8 train.py experiment=<name> key=value ...
+    python train.py --cfg [overrides]                 # print the composed config and exit
+
+Hydra composes ``conf/`` with the overrides against the typed schema in ``seqpar/config.py``
+(``seqpar/cli.py``); the library receives plain dataclasses. User mistakes end with one ``error:``
+line and exit code 2 (SEQPAR_DEBUG=1 shows the traceback).
+"""
+import os
+import sys
+
+
+def main(argv: list) -> int:
+    from seqpar.cli import config_yaml, load_config
+    from seqpar.config import ConfigError
+    from seqpar.train.checkpoint import CheckpointError
+
+    show = "--cfg" in argv
+    overrides = [a for a in argv if a != "--cfg"]
+    try:
+        cfg = load_config(overrides)
+        if show:
+            print(config_yaml(cfg), end="")
+            return 0
+        from seqpar.train import run
+
+        run(cfg)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        if os.environ.get("SEQPAR_DEBUG") == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
