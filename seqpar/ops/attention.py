@@ -13,12 +13,13 @@ Backends (all return natural-log fp32 lse ``[B, H, S]``):
 """
 from __future__ import annotations
 
+import functools
 import importlib
-from typing import Optional
+from typing import Callable, Optional
 
 from torch import Tensor
 
-from seqpar.ops.attention_torch import attention_torch
+from seqpar.ops.attention_torch import attention_backward_torch, attention_forward_torch, attention_torch
 
 BACKENDS = ("auto", "torch", "triton", "sdpa_flash", "sdpa_cudnn")
 
@@ -94,3 +95,24 @@ def attention_with_lse(
 def attention(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
     """Like :func:`attention_with_lse` but returns only ``out [B, Sq, H, D]``."""
     return attention_with_lse(q, k, v, **kwargs)[0]
+
+
+def kernel_pair(backend: str, q: Tensor, k: Tensor, **opts) -> tuple[Callable, Callable]:
+    """Functional ``(forward_fn, backward_fn)`` of a backend, for callers that drive their own loop
+    (the ring). Both have exactly the signatures of ``attention_forward_torch`` /
+    ``attention_backward_torch``: forward returns ``(out, lse)``, backward takes the FINAL ``out``/``lse``
+    (and optional ``delta``) and returns ``dq, dk, dv`` (fp32 for torch; fused kernels may return q's dtype).
+
+    ``backend`` is resolved as in :func:`resolve_backend` with ``q``, ``k`` and ``opts`` (the mask the
+    caller will use). Raises ValueError when the backend is missing or lacks the functional API.
+    """
+    name = resolve_backend(backend, q, k, **opts)
+    if name == "torch":
+        return attention_forward_torch, attention_backward_torch
+    mod = _module(name)
+    fwd, bwd = getattr(mod, "forward", None), getattr(mod, "backward", None)
+    if fwd is None or bwd is None:
+        raise ValueError(f"attention backend={name!r} has no functional forward/backward; use backend='torch'.")
+    if name.startswith("sdpa_"):  # one module serves two kernels
+        return functools.partial(fwd, backend=name), functools.partial(bwd, backend=name)
+    return fwd, bwd

@@ -1,0 +1,100 @@
+"""Ring communication: pass tensors to the next rank, receive from the previous one. No math here.
+
+One :class:`RingComm` per stream of blocks (K/V in the forward; K/V and their dK/dV accumulators in
+the backward). ``send_recv`` posts the sends and receives at once with ``dist.batch_isend_irecv``
+and returns immediately, so the caller computes on the block it holds while the next one is in
+flight; ``wait`` hands back the received tensors.
+
+Receive buffers are double-buffered: transfer ``i`` receives into set ``i % 2``. A received set is
+what the caller computes on during transfer ``i + 1`` (which receives into the other set), and is
+only overwritten by transfer ``i + 2``, after ``wait`` on transfer ``i + 1`` has also completed
+the send of it. So no buffer is written while it is read, without copies, and without any
+``torch.cuda.synchronize()``: on NCCL, ``Work.wait()`` makes the current stream wait on the
+communication stream, it does not block the host.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch.distributed as dist
+from torch import Tensor
+
+
+class RingHandle:
+    """An in-flight ring transfer; :meth:`wait` returns the received tensors (same shapes as sent)."""
+
+    def __init__(self, comm: "RingComm", works: list, received: list[Tensor]):
+        self._comm, self._works, self._received = comm, works, received
+
+    def wait(self) -> list[Tensor]:
+        for w in self._works:
+            w.wait()
+        self._works = []
+        self._comm._pending = None
+        return self._received
+
+
+class RingComm:
+    """Double-buffered send to rank+1 / receive from rank-1 within ``group`` (ranks are group ranks).
+
+    Args: ``group``: the process group of the ring (``None``: the default group). Peers are mapped to
+    global ranks with ``dist.get_global_rank`` because P2P ops address global ranks.
+    A ring of one (or torch.distributed not initialised) short-circuits: ``send_recv`` returns the
+    tensors themselves (gloo cannot send to itself, and there is nothing to exchange).
+    """
+
+    def __init__(self, group=None):
+        self.group = group
+        if dist.is_available() and dist.is_initialized():
+            self.world_size = dist.get_world_size(group)
+            self.rank = dist.get_rank(group)
+        else:
+            self.world_size, self.rank = 1, 0
+        if self.world_size > 1:
+            g = group if group is not None else dist.group.WORLD
+            self.next_peer = dist.get_global_rank(g, (self.rank + 1) % self.world_size)
+            self.prev_peer = dist.get_global_rank(g, (self.rank - 1) % self.world_size)
+        self._buffers: list[Optional[list[Tensor]]] = [None, None]
+        self._count = 0
+        self._pending: Optional[RingHandle] = None
+
+    def _recv_buffers(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        slot = self._count % 2
+        bufs = self._buffers[slot]
+        fits = bufs is not None and len(bufs) == len(tensors) and all(
+            b.shape == t.shape and b.dtype == t.dtype and b.device == t.device for b, t in zip(bufs, tensors))
+        if not fits:
+            bufs = [t.new_empty(t.shape) for t in tensors]
+            self._buffers[slot] = bufs
+        return bufs
+
+    def send_recv(self, tensors: Sequence[Tensor]) -> RingHandle:
+        """Send ``tensors`` (contiguous) to the next rank and receive the previous rank's into buffers.
+
+        Every rank of the ring must call this with the same shapes and dtypes. The previous handle
+        must have been waited on first (its buffers are about to be reused).
+        """
+        if self._pending is not None:
+            raise RuntimeError("RingComm.send_recv called before wait() on the previous transfer.")
+        if self.world_size == 1:
+            handle = RingHandle(self, [], list(tensors))
+        else:
+            recv = self._recv_buffers(tensors)
+            ops = []
+            for i, (t, r) in enumerate(zip(tensors, recv)):
+                if not t.is_contiguous():
+                    raise ValueError(f"RingComm sends contiguous tensors only; tensor {i} of shape "
+                                     f"{tuple(t.shape)} has strides {t.stride()}.")
+                # Tags keep gloo's per-peer matching unambiguous; NCCL ignores them and keeps order.
+                ops.append(dist.P2POp(dist.isend, t, self.next_peer, self.group, tag=i))
+                ops.append(dist.P2POp(dist.irecv, r, self.prev_peer, self.group, tag=i))
+            handle = RingHandle(self, dist.batch_isend_irecv(ops), recv)
+        self._count += 1
+        self._pending = handle
+        return handle
+
+    def wait(self) -> list[Tensor]:
+        """Wait for the transfer in flight and return the received tensors."""
+        if self._pending is None:
+            raise RuntimeError("RingComm.wait called with no transfer in flight.")
+        return self._pending.wait()

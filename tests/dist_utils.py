@@ -1,0 +1,85 @@
+"""Run a function on N real processes (gloo on CPU) and bring the results back to the test.
+
+``run_distributed(fn, world_size, *args)`` spawns ``world_size`` processes with the ``spawn`` start
+method, a free TCP port on 127.0.0.1, and a hard deadline: if any process fails or the group does
+not finish in time, every child is killed and the test fails with the children's tracebacks, so a
+distributed bug never hangs the suite. Each rank's return value comes back through a file
+(``torch.save``), which avoids sharing tensor storage through a queue after the child exited.
+
+Spawning costs a few seconds per process (importing torch), so tests batch many cases into one
+group and assert per case in the parent.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(fn, rank: int, world_size: int, port: int, outdir: str, args: tuple, pg_timeout_s: float) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)  # N processes on few cores: oversubscription makes gloo waits look like hangs
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout_s))
+        result = fn(rank, world_size, *args)
+        torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(outdir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise SystemExit(1)
+
+
+def run_distributed(fn, world_size: int, *args, timeout_s: float = 120.0, pg_timeout_s: float = 60.0) -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo processes; return each rank's result.
+
+    ``fn`` must be a module-level function (picklable). Raises AssertionError with the children's
+    tracebacks if any rank fails, or after ``timeout_s`` seconds (all children killed).
+    """
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as outdir:
+        port = free_port()
+        procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, outdir, args, pg_timeout_s), daemon=True)
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout_s
+        failed = False
+        while time.monotonic() < deadline:
+            if all(not p.is_alive() for p in procs):
+                break
+            if any(p.exitcode not in (None, 0) for p in procs):
+                failed = True  # one rank died: the others may wait for it forever
+                time.sleep(1.0)  # let siblings write their own tracebacks first
+                break
+            time.sleep(0.05)
+        timed_out = any(p.is_alive() for p in procs) and not failed
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(5)
+        errors = {}
+        for r in range(world_size):
+            path = os.path.join(outdir, f"rank{r}.err")
+            if os.path.exists(path):
+                errors[r] = open(path).read()
+        if timed_out or errors or any(p.exitcode != 0 for p in procs):
+            why = f"timed out after {timeout_s:.0f}s" if timed_out else "failed"
+            detail = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
+            codes = [p.exitcode for p in procs]
+            raise AssertionError(f"distributed run on {world_size} ranks {why} (exit codes {codes})\n{detail}")
+        return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
