@@ -4,6 +4,8 @@
     python train.py model=llama3-1b train.seq_len=65536 parallel.cp=2
     torchrun --nproc_per_node=8 train.py experiment=<name> key=value ...
     python train.py --cfg [overrides]                 # print the composed config and exit
+    python train.py --dry-run model=llama3-8b parallel.dp=1 parallel.cp=8 train.seq_len=1048576
+                                                      # validate, print mesh + per-GPU memory, allocate nothing
 
 Hydra composes ``conf/`` with the overrides against the typed schema in ``seqpar/config.py``
 (``seqpar/cli.py``); the library receives plain dataclasses. User mistakes end with one ``error:``
@@ -19,7 +21,9 @@ def main(argv: list) -> int:
     from seqpar.train.checkpoint import CheckpointError
 
     show = "--cfg" in argv
-    overrides = [a for a in argv if a != "--cfg"]
+    overrides = [a for a in argv if a not in ("--cfg", "--dry-run")]
+    if "--dry-run" in argv:
+        overrides.append("train.dry_run=true")  # same as the override; the flag is easier to remember
     try:
         cfg = load_config(overrides)
         if show:

@@ -1,5 +1,4 @@
 """End-to-end: the training loop on the embedded corpus, resume exactness, and the user errors of train.py."""
-import math
 import os
 import subprocess
 import sys
@@ -58,7 +57,10 @@ def test_half_written_checkpoint_is_ignored_and_corrupt_one_is_named(tmp_path):
     ckpt = tmp_path / "checkpoints"
     (ckpt / "step-00000004.tmp").mkdir()  # a save killed half-way
     assert [s for s, _ in complete_checkpoints(str(ckpt))] == [2]
-    (ckpt / "step-00000002" / "rank-0.pt").write_bytes(b"garbage")
+    shards = list((ckpt / "step-00000002").glob("*.distcp"))
+    assert shards, "DCP shard files expected"
+    for f in shards:
+        f.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="corrupted"):
         run(_cfg(tmp_path, steps=4, every=2))
 

@@ -5,7 +5,10 @@ One binary runs under ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR
 by the sbatch script), or as a single process with no environment at all.
 
 The mesh is ``[dp, cp]`` with cp innermost, so the ranks of one context-parallel ring are adjacent
-(on one node when cp <= GPUs per node, where the ring's send/recv runs over NVLink).
+(on one node when cp <= GPUs per node, where the ring's send/recv runs over NVLink). Global rank
+``r`` sits at ``(dp_rank, cp_rank) = divmod(r, cp)``. Every group derives from one
+``torch.distributed.device_mesh.DeviceMesh`` with named dims ``("dp", "cp")``; FSDP2 takes its mesh
+from here too (:func:`seqpar.parallel.fsdp.fsdp_mesh`).
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ import torch
 import torch.distributed as dist
 
 from seqpar.config import ParallelConfig
+
+MESH_DIMS = ("dp", "cp")
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,15 @@ def dist_env(environ: Optional[dict] = None) -> DistEnv:
     return DistEnv(0, 1, 0)
 
 
+def mesh_groups(dp: int, cp: int) -> dict:
+    """Rank lists of every group of a ``[dp, cp]`` mesh, without any process group (dry-run, tests).
+
+    Returns ``{"cp": [[ranks of ring 0], ...] (dp lists of cp), "dp": [[...], ...] (cp lists of dp)}``.
+    """
+    grid = torch.arange(dp * cp).view(dp, cp)  # [dp, cp]: rank = dp_rank * cp + cp_rank
+    return {"cp": grid.tolist(), "dp": grid.t().tolist()}
+
+
 @dataclass
 class Mesh:
     """Topology of one run. Every group and ring neighbour derives from here; passed explicitly."""
@@ -46,8 +60,9 @@ class Mesh:
     rank: int
     world_size: int
     device: torch.device
-    dp_group: Optional[dist.ProcessGroup] = None  # None when dp == 1
-    cp_group: Optional[dist.ProcessGroup] = None  # None when cp == 1
+    dp_group: Optional[dist.ProcessGroup] = None  # None only for a single process
+    cp_group: Optional[dist.ProcessGroup] = None  # None only for a single process
+    device_mesh: Optional["torch.distributed.device_mesh.DeviceMesh"] = None  # [dp, cp]; None for 1 process
 
     @property
     def dp_rank(self) -> int:
@@ -76,10 +91,12 @@ def pick_device(kind: str, local_rank: int) -> torch.device:
 
 
 def init_mesh(cfg: ParallelConfig, device_kind: str = "auto", timeout_s: float = 600.0) -> Mesh:
-    """Initialise the default process group (if world > 1) and build the dp / cp subgroups.
+    """Initialise the default process group (if world > 1 and not done yet) and the ``[dp, cp]`` mesh.
 
     Raises ConfigError (from ``cfg.resolve``) when ``dp * cp`` does not match the world size.
     """
+    from torch.distributed.device_mesh import init_device_mesh
+
     env = dist_env()
     dp, cp = cfg.resolve(env.world_size)
     device = pick_device(device_kind, env.local_rank)
@@ -93,19 +110,9 @@ def init_mesh(cfg: ParallelConfig, device_kind: str = "auto", timeout_s: float =
         if device.type == "cuda":
             kwargs["device_id"] = device  # eager NCCL init, bound to this rank's GPU
         dist.init_process_group(**kwargs)
-    dp_group = cp_group = None
-    # Every rank must create every subgroup, in the same order (a torch.distributed rule).
-    for d in range(dp):
-        ranks = list(range(d * cp, (d + 1) * cp))
-        g = dist.new_group(ranks) if cp > 1 else None
-        if env.rank in ranks:
-            cp_group = g
-    for c in range(cp):
-        ranks = list(range(c, dp * cp, cp))
-        g = dist.new_group(ranks) if dp > 1 else None
-        if env.rank in ranks:
-            dp_group = g
-    return Mesh(dp, cp, env.rank, env.world_size, device, dp_group, cp_group)
+    # Collective: every rank builds the same mesh (torch.distributed creates subgroups in lockstep).
+    dm = init_device_mesh(device.type, (dp, cp), mesh_dim_names=MESH_DIMS)
+    return Mesh(dp, cp, env.rank, env.world_size, device, dm.get_group("dp"), dm.get_group("cp"), dm)
 
 
 def destroy_mesh() -> None:

@@ -1,21 +1,26 @@
-"""Atomic, rank-aware checkpoints under ``<run_dir>/checkpoints/step-NNNNNNNN``.
+"""Atomic, sharded checkpoints under ``<run_dir>/checkpoints/step-NNNNNNNN`` (torch.distributed.checkpoint).
 
-Commit protocol: every rank writes ``rank-R.pt`` into ``step-N.tmp``; after a barrier rank 0 writes
-``meta.json`` and renames the folder to ``step-N``. A save killed half-way leaves only a ``.tmp``
-folder, which is never picked up, so the last complete checkpoint is always the one loaded.
+Commit protocol: every rank writes its shards into ``step-N.tmp`` with ``dcp.save`` (or
+``dcp.async_save``); once every rank has finished, rank 0 writes ``meta.json`` and renames the folder
+to ``step-N``. A save killed half-way leaves only a ``.tmp`` folder, which is never picked up (and is
+cleared by the next save of that step), so the newest complete checkpoint is always the one loaded.
 
-Each rank stores its own file (model, optimizer, scheduler, data iterator state, RNG) so that
-per-rank state such as the data position and RNG streams survives exactly.
+The state is a DCP "application state" dict built by the trainer: sharded model and optimizer
+(DTensors under FSDP2; DCP writes each shard once and can reshard them on load), the scheduler, and
+per-rank state (data iterator position, RNG streams) under RANK-UNIQUE keys (``rank3/...``): DCP
+deduplicates entries that share a key across ranks, so a per-rank tensor under a common key would
+silently keep one rank's value for all.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import warnings
 from typing import Optional
 
-import torch
 import torch.distributed as dist
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -25,13 +30,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the path and the fix."""
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def complete_checkpoints(ckpt_dir: str) -> list[tuple[int, str]]:
-    """``[(step, path)]`` of committed checkpoints, oldest first."""
+    """``[(step, path)]`` of committed checkpoints, oldest first (``.tmp`` folders never count)."""
     if not os.path.isdir(ckpt_dir):
         return []
     found = []
@@ -43,55 +43,142 @@ def complete_checkpoints(ckpt_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def save_checkpoint(ckpt_dir: str, step: int, state: dict, *, rank: int, world_size: int, keep_last: int) -> str:
-    """Write this rank's ``state`` for ``step`` and commit atomically once every rank has written."""
-    final = os.path.join(ckpt_dir, f"step-{step:08d}")
-    tmp = final + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that was killed
-        os.makedirs(tmp, exist_ok=True)
-    _barrier()
-    part = os.path.join(tmp, f"rank-{rank}.pt")
-    torch.save(state, part + ".part")
-    os.replace(part + ".part", part)
-    _barrier()
-    if rank == 0:
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({"step": step, "world_size": world_size}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for _, old in complete_checkpoints(ckpt_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
+@contextlib.contextmanager
+def _single_process_quiet():
+    # DCP warns on every single-process save/load that it assumes a single process: that is intended.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
-def load_latest(ckpt_dir: str, *, rank: int, world_size: int) -> Optional[tuple[int, dict]]:
-    """Load this rank's state from the newest complete checkpoint; None when there is none.
+def _fsync_dir(path: str) -> None:
+    # A rename is durable only once its directory entry is on disk.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
-    Raises CheckpointError naming the folder when it was written by another world size or a file
-    in it is unreadable (truncated, corrupted).
+
+class Checkpointer:
+    """Saves and loads DCP checkpoints of one run; one instance per rank, same calls on every rank.
+
+    Args:
+        ckpt_dir: ``<run_dir>/checkpoints``. rank, world_size: this process in the default group.
+        keep_last: committed checkpoints to keep (older ones are deleted after each commit).
+        async_save: write in a background thread (``dcp.async_save``); the commit happens at the next
+            :meth:`save` or :meth:`wait`, which every rank must reach.
+        process_group: group for DCP's coordination and the commit barriers. Use a gloo group: an
+            async save runs collectives from its own thread, which must not share the training group.
     """
-    found = complete_checkpoints(ckpt_dir)
-    if not found:
-        return None
-    step, path = found[-1]
-    try:
-        with open(os.path.join(path, "meta.json")) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} has an unreadable meta.json ({e}); delete that folder to "
-                              "resume from the previous one, or set checkpoint.resume=false.") from e
-    if meta.get("world_size") != world_size:
-        raise CheckpointError(f"checkpoint {path} was written by {meta.get('world_size')} processes but this run "
-                              f"has {world_size}; resume with the same number of processes or set "
-                              "checkpoint.resume=false.")
-    part = os.path.join(path, f"rank-{rank}.pt")
-    try:
-        state = torch.load(part, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for truncated / garbled files
-        raise CheckpointError(f"checkpoint file {part} is corrupted or unreadable ({type(e).__name__}); delete "
-                              f"{path} to resume from the previous checkpoint, or set checkpoint.resume=false.") from e
-    return step, state
+
+    def __init__(self, ckpt_dir: str, *, rank: int, world_size: int, keep_last: int, async_save: bool = False,
+                 process_group=None):
+        self.ckpt_dir, self.rank, self.world_size = ckpt_dir, rank, world_size
+        self.keep_last, self.async_save, self.pg = keep_last, async_save, process_group
+        self._pending = None  # (future, step, tmp path) of an async save not yet committed
+        self.distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self.pg)
+
+    # ------------------------------------------------------------------------------------------- save
+    def save(self, step: int, state: dict) -> None:
+        """Write ``state`` (DCP application state) for ``step``; commit now, or later when async."""
+        import torch.distributed.checkpoint as dcp
+
+        self.wait()  # one save in flight at a time; commits the previous one
+        final = os.path.join(self.ckpt_dir, f"step-{step:08d}")
+        tmp = final + ".tmp"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that was killed
+            os.makedirs(tmp, exist_ok=True)
+        self._barrier()
+        kwargs = dict(checkpoint_id=tmp, process_group=self.pg, no_dist=not self.distributed)
+        if self.async_save:
+            with _single_process_quiet():
+                resp = dcp.async_save(state, **kwargs)
+            # torch returns a Future, or (newer staging APIs) a response holding one.
+            self._pending = (getattr(resp, "upload_completion", resp), step, tmp)
+        else:
+            with _single_process_quiet():
+                dcp.save(state, **kwargs)
+            self._commit(step, tmp)
+
+    def wait(self) -> None:
+        """Finish an async save in flight (if any) and commit it. Collective."""
+        if self._pending is None:
+            return
+        future, step, tmp = self._pending
+        self._pending = None
+        future.result()  # raises here if the background write failed
+        self._commit(step, tmp)
+
+    def _commit(self, step: int, tmp: str) -> None:
+        self._barrier()  # every rank's shards are on disk
+        if self.rank == 0:
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump({"step": step, "world_size": self.world_size, "format": "dcp"}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            final = tmp[: -len(".tmp")]
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _fsync_dir(self.ckpt_dir)
+            for _, old in complete_checkpoints(self.ckpt_dir)[:-self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
+
+    # ------------------------------------------------------------------------------------------- load
+    def latest(self) -> Optional[tuple[int, str]]:
+        """``(step, path)`` of the newest complete checkpoint, as rank 0 sees it (so all ranks agree)."""
+        found = complete_checkpoints(self.ckpt_dir)
+        choice = [found[-1] if found else None]
+        if self.distributed:
+            dist.broadcast_object_list(choice, src=0, group=self.pg)
+        return choice[0]
+
+    def load_latest(self, state: dict) -> Optional[int]:
+        """Load the newest complete checkpoint into ``state`` in place; its step, or None when there is none.
+
+        ``state`` is the application state with the same keys and tensor shapes as saved (templates).
+
+        Raises:
+            CheckpointError: naming the folder, when it was written by another world size, or a file
+                in it is corrupted, truncated, missing, or does not match this model.
+        """
+        import torch.distributed.checkpoint as dcp
+
+        found = self.latest()
+        if found is None:
+            return None
+        step, path = found
+        try:
+            with open(os.path.join(path, "meta.json")) as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {path} has an unreadable meta.json ({e}); delete that folder to "
+                                  "resume from the previous one, or set checkpoint.resume=false.") from e
+        if meta.get("world_size") != self.world_size:
+            raise CheckpointError(f"checkpoint {path} was written by {meta.get('world_size')} processes but this run "
+                                  f"has {self.world_size}; resume with the same number of processes or set "
+                                  "checkpoint.resume=false.")
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            with _single_process_quiet():
+                dcp.load(state, checkpoint_id=path, process_group=self.pg, no_dist=not self.distributed)
+        # DCP gathers every rank's failure (truncated / garbled file, shape mismatch) into a
+        # CheckpointException, raised on all ranks; it derives from BaseException, hence named here.
+        except (Exception, CheckpointException) as e:
+            why = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()[:300]
+            raise CheckpointError(f"checkpoint {path} is corrupted or does not match this run (last error: "
+                                  f"{why}); delete {path} to resume from the previous checkpoint, or set "
+                                  "checkpoint.resume=false.") from e
+        return step

@@ -1,13 +1,15 @@
 """The training loop: one code path for 1 process and for a dp x cp mesh of many.
 
-Reads top to bottom: build mesh -> data -> model -> optimizer -> (resume) -> steps. One step:
+Reads top to bottom: build mesh -> data -> model (BPT MLP -> AC -> FSDP2) -> optimizer -> (resume) -> steps.
+One step:
 
     fetch grad_accum micro-batches [B, S] for this dp rank
     count target tokens of the whole global batch (all-reduce over dp)
     per micro-batch: shard tokens/labels/positions along the sequence for this cp rank (layout),
         forward (ring attention when cp > 1), chunked loss SUM / global token count, backward
-    all-reduce gradients (SUM over every rank: dp ranks saw different rows, cp ranks different tokens)
-    clip, AdamW step, schedule step
+        (FSDP2 reduce-scatters the gradients, SUMMED over dp and cp)
+    without FSDP (parallel.fsdp=none): all-reduce gradients (SUM over every rank)
+    clip, AdamW step, schedule step; then agree across ranks whether to stop (signal, stop file, budget)
 
 Dividing each rank's loss sum by the *global* token count makes the summed gradient exactly the
 gradient of the global mean loss, whatever the mesh: cp=1 and cp=N give the same numbers.
@@ -29,9 +31,11 @@ from seqpar.config import Config, ConfigError
 from seqpar.data import build_data
 from seqpar.models.llama import Llama
 from seqpar.ops import attention
+from seqpar.parallel.fsdp import parallelize
 from seqpar.parallel.mesh import Mesh
-from seqpar.train.checkpoint import load_latest, save_checkpoint
+from seqpar.train.checkpoint import Checkpointer
 from seqpar.train.metrics import MetricsLogger, format_eta, peak_memory_gib, peak_tflops
+from seqpar.train.preemption import StopRequest
 
 
 def lr_multiplier(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
@@ -53,30 +57,39 @@ def _resolve_vocab(cfg: Config, tokenizer_vocab: int) -> Config:
     return cfg
 
 
+def _local(t):
+    """A DTensor's full value (e.g. the gradient norm), or the tensor itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 class Trainer:
     def __init__(self, cfg: Config, mesh: Mesh):
         self.mesh = mesh
         self.device = mesh.device
         self.start_time = time.time()
-        torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-
         self.train_data, self.val_data, self.tokenizer = build_data(
             cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
             dp_rank=mesh.dp_rank, dp_size=mesh.dp)
         self.cfg = cfg = _resolve_vocab(cfg, self.tokenizer.vocab_size)
+        self.autocast = self._autocast_dtype()
+        # A CPU group for checkpoint coordination (async saves run collectives from a thread) and the
+        # per-step stop agreement (no CUDA sync). Created on every rank, same order.
+        self.cpu_group = dist.new_group(backend="gloo") if mesh.world_size > 1 else None
+        self.model, self.fsdp_mesh = self._build_model()
 
-        self.model = Llama(cfg.model, attn_fn=self._attention_fn()).to(self.device)
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]  # no decay on norms
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]  # no decay on norms
+        no_decay = [p for p in params if p.dim() < 2]
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=self.device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(
             lr_multiplier, warmup=o.warmup_steps, total=cfg.train.steps, min_ratio=o.min_lr_ratio))
-        self.autocast = self._autocast_dtype()
         self.step = 0
-        self.ckpt_dir = os.path.join(cfg.logging.run_dir, "checkpoints")
+        self.checkpointer = Checkpointer(
+            os.path.join(cfg.logging.run_dir, "checkpoints"), rank=mesh.rank, world_size=mesh.world_size,
+            keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save, process_group=self.cpu_group)
         self.logger = MetricsLogger(
             cfg.logging.run_dir, enabled=mesh.is_main, use_wandb=cfg.logging.wandb, project=cfg.logging.wandb_project,
             config=dataclasses.asdict(cfg), progress=cfg.logging.progress, total_steps=cfg.train.steps)
@@ -92,7 +105,8 @@ class Trainer:
             return functools.partial(attention, backend=p.attention_backend)
         from seqpar.parallel.ring_attention import make_ring_attn_fn
 
-        return make_ring_attn_fn(self.mesh.cp_group, layout=p.layout, backend=p.attention_backend)
+        # Shapes are fixed per run (train.seq_len), so checking them across ranks once is enough.
+        return make_ring_attn_fn(self.mesh.cp_group, layout=p.layout, backend=p.attention_backend, validate="first")
 
     def _autocast_dtype(self) -> Optional[torch.dtype]:
         dtype = self.cfg.train.dtype
@@ -100,30 +114,61 @@ class Trainer:
             return torch.bfloat16
         return None
 
+    def _build_model(self):
+        cfg, t = self.cfg, self.cfg.train
+        # On GPU: build on the meta device, shard, then materialise only this rank's shards (an 8B
+        # model never exists whole on one rank). On CPU: build whole with the seed, then shard, so the
+        # weights equal a single process's exactly (what the equality tests compare).
+        on_meta = self.device.type == "cuda"
+        torch.manual_seed(t.seed)  # same initial weights on every rank
+        if on_meta:
+            with torch.device("meta"):
+                model = Llama(cfg.model, attn_fn=self._attention_fn())
+        else:
+            model = Llama(cfg.model, attn_fn=self._attention_fn())
+        dmesh = parallelize(model, self.mesh, fsdp=cfg.parallel.fsdp, ac=t.ac, ffn_chunk=t.ffn_chunk,
+                            param_dtype=self.autocast)
+        if on_meta:
+            model.to_empty(device=self.device)
+            torch.manual_seed(t.seed)
+            model.init_weights()
+        else:
+            model.to(self.device)
+        return model, dmesh
+
+    # ------------------------------------------------------------------------------ checkpoint
+    def _app_state(self) -> dict:
+        """DCP application state: sharded model/optimizer, scheduler, and this rank's own state."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        mine = {"data": self.train_data.state_dict(), "rng_cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            mine["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        # Rank-unique key: DCP keeps one copy of same-key entries across ranks.
+        return {"step": self.step, "model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict(),
+                f"rank{self.mesh.rank}": mine}
+
     def _resume(self) -> None:
-        loaded = load_latest(self.ckpt_dir, rank=self.mesh.rank, world_size=self.mesh.world_size)
-        if loaded is None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = self._app_state()
+        step = self.checkpointer.load_latest(state)
+        if step is None:
             return
-        step, state = loaded
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.train_data.load_state_dict(state["data"])
-        torch.set_rng_state(state["rng_cpu"])
-        if self.device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+        mine = state[f"rank{self.mesh.rank}"]
+        self.train_data.load_state_dict(mine["data"])
+        torch.set_rng_state(mine["rng_cpu"])
+        if self.device.type == "cuda" and "rng_cuda" in mine:
+            torch.cuda.set_rng_state(mine["rng_cuda"], self.device)
         self.step = step
         if self.mesh.is_main:
-            print(f"resumed from {self.ckpt_dir} at step {step}", flush=True)
+            print(f"resumed from {self.checkpointer.ckpt_dir} at step {step}", flush=True)
 
-    def _save(self) -> None:
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "data": self.train_data.state_dict(),
-                 "rng_cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
-        save_checkpoint(self.ckpt_dir, self.step, state, rank=self.mesh.rank, world_size=self.mesh.world_size,
-                        keep_last=self.cfg.checkpoint.keep_last)
+    def save(self) -> None:
+        self.checkpointer.save(self.step, self._app_state())
 
     # ------------------------------------------------------------------------------------ step
     def _shard(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,9 +180,9 @@ class Trainer:
         return shard_sequence(x, 1, layout=self.cfg.parallel.layout, rank=self.mesh.cp_rank,
                               world_size=self.mesh.cp)
 
-    def _all_reduce(self, t: torch.Tensor, group=None) -> torch.Tensor:
+    def _all_reduce(self, t: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
         if self.mesh.world_size > 1:
-            dist.all_reduce(t, group=group)
+            dist.all_reduce(t, op=op, group=group)
         return t
 
     def _loss_sum(self, batch: dict) -> torch.Tensor:
@@ -158,20 +203,21 @@ class Trainer:
             loss_sum = self._loss_sum(batch)
             (loss_sum / n_tokens.float()).backward()
             total += loss_sum.detach().double()
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if self.mesh.world_size > 1:
+        if self.fsdp_mesh is None and self.mesh.world_size > 1:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             flat = torch._utils._flatten_dense_tensors(grads)  # one all-reduce instead of one per tensor
             dist.all_reduce(flat)
             for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
                 g.copy_(synced)
         clip = self.cfg.optim.grad_clip
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        gnorm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.grad is not None], clip if clip > 0 else float("inf"))
         lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._all_reduce(total) / n_tokens
-        return {"loss": loss, "grad_norm": gnorm, "tokens": n_tokens, "lr": lr}
+        return {"loss": loss, "grad_norm": _local(gnorm), "tokens": n_tokens, "lr": lr}
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
@@ -191,52 +237,74 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ loop
     def fit(self, until: Optional[int] = None) -> dict:
-        """Train to ``train.steps`` (or stop early at step ``until``, checkpointing there if enabled)."""
+        """Train to ``train.steps`` (or stop early at step ``until``, checkpointing there if enabled).
+
+        Stops early, after a checkpoint when ``checkpoint.every > 0``, on SIGTERM / SIGUSR2, the stop
+        file or the ``train.max_minutes`` budget; all ranks stop after the same step.
+        Returns ``{"history": [log records], "step": last step, "stopped": reason or None}``.
+        """
         cfg, mesh = self.cfg, self.mesh
         until = cfg.train.steps if until is None else min(until, cfg.train.steps)
         if mesh.is_main:
-            n = self.model.num_params()
-            print(f"seqpar | {mesh.describe()} | model {cfg.model.name}: {n / 1e6:.2f}M params | "
-                  f"seq_len {cfg.train.seq_len} | batch {cfg.train.batch_size}x{cfg.train.grad_accum}x{mesh.dp} | "
-                  f"attention {cfg.parallel.attention_backend} layout {cfg.parallel.layout} | run_dir {cfg.logging.run_dir}",
-                  flush=True)
-            if self.step >= cfg.train.steps:
-                print(f"already trained to step {self.step} >= train.steps={cfg.train.steps}; nothing to do "
-                      "(raise train.steps, or use another logging.run_dir).", flush=True)
+            self._print_banner()
+        stop = StopRequest(max_minutes=cfg.train.max_minutes, stop_file=cfg.train.stop_file,
+                           start_time=self.start_time, rank=mesh.rank, group=self.cpu_group,
+                           world_size=mesh.world_size).install()
         self.model.train()
-        history = []
-        t_last, tokens_since, steps_since = time.time(), 0.0, 0
+        history, reason = [], None
+        t_last, tokens_since = time.time(), 0.0
         first_step = self.step
-        while self.step < until:
-            out = self.train_step()
-            self.step += 1
-            tokens_since += cfg.train.batch_size * cfg.train.seq_len * cfg.train.grad_accum * mesh.dp
-            steps_since += 1
-            if mesh.is_main and self.logger.progress:
-                self.logger.tick(self.step, out["loss"].item())
-            is_last = self.step == cfg.train.steps
-            if self.step % cfg.logging.log_every == 0 or is_last or self.step == first_step + 1:
-                history.append(self._log(out, time.time() - t_last, tokens_since, first_step))
-                t_last, tokens_since, steps_since = time.time(), 0.0, 0
-            if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or is_last):
-                val = self.evaluate()
-                if val is not None:
-                    self.logger.log({"step": self.step, "val_loss": val},
-                                    f"step {self.step:>6} | val_loss {val:.4f} | val_ppl {math.exp(min(val, 50)):.2f}")
-                    history[-1]["val_loss"] = val
-            if cfg.checkpoint.every and (self.step % cfg.checkpoint.every == 0 or self.step == until):
-                self._save()
-            if cfg.train.max_minutes and (time.time() - self.start_time) / 60 >= cfg.train.max_minutes:
-                if mesh.is_main:
-                    print(f"train.max_minutes={cfg.train.max_minutes} reached at step {self.step}; stopping.", flush=True)
-                if cfg.checkpoint.every and not is_last:
-                    self._save()
-                break
-        self.logger.close()
-        return {"history": history, "step": self.step}
+        try:
+            while self.step < until:
+                out = self.train_step()
+                self.step += 1
+                tokens_since += cfg.train.batch_size * cfg.train.seq_len * cfg.train.grad_accum * mesh.dp
+                if mesh.is_main and self.logger.progress:
+                    self.logger.tick(self.step, out["loss"].item())
+                is_last = self.step == cfg.train.steps
+                if self.step % cfg.logging.log_every == 0 or is_last or self.step == first_step + 1:
+                    history.append(self._log(out, time.time() - t_last, tokens_since, first_step))
+                    t_last, tokens_since = time.time(), 0.0
+                if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or is_last):
+                    val = self.evaluate()
+                    if val is not None:
+                        self.logger.log({"step": self.step, "val_loss": val},
+                                        f"step {self.step:>6} | val_loss {val:.4f} | val_ppl {math.exp(min(val, 50)):.2f}")
+                        history[-1]["val_loss"] = val
+                saved = bool(cfg.checkpoint.every) and (self.step % cfg.checkpoint.every == 0 or self.step == until)
+                if saved:
+                    self.save()
+                reason = None if self.step >= until else stop.poll()
+                if reason is not None:
+                    if cfg.checkpoint.every and not saved:
+                        self.save()
+                    if mesh.is_main:
+                        what = "checkpointed" if cfg.checkpoint.every else "not checkpointed (checkpoint.every=0)"
+                        print(f"{reason} at step {self.step}: {what}; stopping cleanly.", flush=True)
+                    break
+            self.checkpointer.wait()  # an async save still in flight is committed before we return
+        finally:
+            stop.restore()
+            self.logger.close()
+        return {"history": history, "step": self.step, "stopped": reason}
+
+    def _print_banner(self) -> None:
+        cfg = self.cfg
+        n = self.model.num_params()
+        fsdp = f"fsdp {cfg.parallel.fsdp}" if self.fsdp_mesh is not None else "fsdp off"
+        print(f"seqpar | {self.mesh.describe()} | model {cfg.model.name}: {n / 1e6:.2f}M params | "
+              f"seq_len {cfg.train.seq_len} | batch {cfg.train.batch_size}x{cfg.train.grad_accum}x{self.mesh.dp} | "
+              f"attention {cfg.parallel.attention_backend} layout {cfg.parallel.layout} | {fsdp} | "
+              f"ac {cfg.train.ac} ffn_chunk {cfg.train.ffn_chunk} | run_dir {cfg.logging.run_dir}", flush=True)
+        if self.step >= cfg.train.steps:
+            print(f"already trained to step {self.step} >= train.steps={cfg.train.steps}; nothing to do "
+                  "(raise train.steps, or use another logging.run_dir).", flush=True)
 
     def _log(self, out: dict, dt: float, tokens: float, first_step: int) -> dict:
         loss = out["loss"].item()  # .item() synchronises, so dt covers the GPU work
+        # Peak memory of the fullest rank: the one that decides whether a config fits.
+        mem = self._all_reduce(torch.tensor([peak_memory_gib(self.device)], device=self.device),
+                               op=dist.ReduceOp.MAX).item()
         tps = tokens / max(dt, 1e-9)
         tflops = self.flops_per_token * tps / self.mesh.world_size / 1e12  # per device
         steps_left = self.cfg.train.steps - self.step
@@ -244,18 +312,25 @@ class Trainer:
         rec = {"step": self.step, "loss": loss, "grad_norm": out["grad_norm"].item(),
                "lr": out["lr"], "tokens_per_s": tps,
                "tokens_per_s_per_device": tps / self.mesh.world_size, "tflops_per_device": tflops,
-               "mfu": tflops / self.peak if self.peak else None, "peak_mem_gib": peak_memory_gib(self.device),
+               "mfu": tflops / self.peak if self.peak else None, "peak_mem_gib": mem,
                "elapsed_s": time.time() - self.start_time}
         mfu = f" | MFU {rec['mfu']:.1%}" if self.peak else ""
         line = (f"step {self.step:>6}/{self.cfg.train.steps} | loss {loss:.4f} | gnorm {rec['grad_norm']:.3f} | "
-                f"lr {rec['lr']:.2e} | tok/s {tps:,.0f} | TFLOP/s/dev {tflops:.2f}{mfu} | "
-                f"mem {rec['peak_mem_gib']:.2f}GiB | eta {format_eta(steps_left * sec_per_step)}")
+                f"lr {rec['lr']:.2e} | tok/s/dev {tps / self.mesh.world_size:,.0f} | TFLOP/s/dev {tflops:.2f}{mfu} | "
+                f"mem {mem:.2f}GiB | eta {format_eta(steps_left * sec_per_step)}")
         self.logger.log(rec, line)
         return rec
 
 
 def run(cfg: Config) -> dict:
-    """Set up the mesh from the environment (torchrun, srun or one process), train, tear down."""
+    """Set up the mesh from the environment (torchrun, srun or one process), train, tear down.
+
+    With ``train.dry_run`` nothing is allocated: see :func:`seqpar.train.dry_run.dry_run`.
+    """
+    if cfg.train.dry_run:
+        from seqpar.train.dry_run import dry_run
+
+        return dry_run(cfg)
     from seqpar.parallel.mesh import destroy_mesh, init_mesh
 
     mesh = init_mesh(cfg.parallel, cfg.train.device)

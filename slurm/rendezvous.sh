@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Rendezvous settings of a multi-node job, rendered from the Slurm environment (sourced by seqpar.sbatch;
+# tests call it with a fake `scontrol` on PATH):
+#   source slurm/rendezvous.sh && eval "$(seqpar_rendezvous)" && echo "$RDZV_ENDPOINT"
+# Prints KEY=VALUE lines: NNODES, NPROC_PER_NODE, RDZV_ENDPOINT (first node of the job, c10d store),
+# RDZV_ID (the job id: a requeued job keeps it, and every node of one job agrees on it), LOG_DIR.
+# Overrides: SEQPAR_GPUS_PER_NODE, SEQPAR_RDZV_PORT, SEQPAR_LOG_DIR.
+
+seqpar_rendezvous() {
+  local nodelist=${SLURM_JOB_NODELIST:-}
+  if [ -z "$nodelist" ] || [ -z "${SLURM_JOB_ID:-}" ]; then
+    echo "seqpar: SLURM_JOB_NODELIST / SLURM_JOB_ID are not set; run this inside a Slurm job (sbatch)." >&2
+    return 1
+  fi
+  local head
+  # scontrol expands compressed lists (node[003-004,7]); the first host runs the c10d store.
+  head=$(scontrol show hostnames "$nodelist" | head -n 1)
+  if [ -z "$head" ]; then
+    echo "seqpar: 'scontrol show hostnames $nodelist' gave no host; check the job's node list." >&2
+    return 1
+  fi
+  echo "NNODES=${SLURM_NNODES:-${SLURM_JOB_NUM_NODES:-1}}"
+  echo "NPROC_PER_NODE=${SEQPAR_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}"
+  echo "RDZV_ENDPOINT=$head:${SEQPAR_RDZV_PORT:-29500}"
+  echo "RDZV_ID=$SLURM_JOB_ID"
+  echo "LOG_DIR=${SEQPAR_LOG_DIR:-logs/${SLURM_JOB_NAME:-seqpar}-$SLURM_JOB_ID}"
+}

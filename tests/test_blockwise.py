@@ -1,0 +1,124 @@
+"""BPT memory: the blockwise MLP and the chunked loss keep O(chunk) activations, whatever the sequence length.
+
+Measured with ``torch.autograd.graph.saved_tensors_hooks``: every tensor autograd keeps for backward
+passes through the pack hook; we sum the bytes of the distinct storages that are neither parameters
+nor the op's own inputs (which the caller holds anyway). Activation-checkpointing policies are
+checked the same way on the whole model, and all of them give the plain model's numbers (float64).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seqpar.config import ModelConfig
+from seqpar.models import Llama
+from seqpar.models.blockwise import BlockwiseFeedForward, apply_blockwise_ffn
+from seqpar.models.llama import FeedForward
+from seqpar.ops.loss import chunked_cross_entropy
+from seqpar.parallel.fsdp import apply_ac
+
+DIM, HIDDEN, VOCAB, CHUNK = 32, 128, 97, 16
+TOL = dict(atol=1e-12, rtol=1e-10)  # float64: only the summation order of chunked work differs
+
+
+def saved_bytes(fn, keep=()):
+    """Run ``fn()`` and return ``(bytes of saved-for-backward storages not in keep, fn's output)``."""
+    skip = {t.untyped_storage().data_ptr() for t in keep}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def _ffn_and_loss(seq_len, *, blockwise):
+    torch.manual_seed(0)
+    ffn = FeedForward(DIM, HIDDEN).double()
+    if blockwise:
+        ffn = BlockwiseFeedForward.from_feed_forward(ffn, CHUNK)
+    head = torch.randn(VOCAB, DIM, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(1, seq_len, DIM, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, VOCAB, (1, seq_len))
+    keep = [x, labels, head, *ffn.parameters()]
+
+    def run():
+        h = ffn(x)  # [1, S, DIM]
+        if blockwise:
+            return chunked_cross_entropy(h, head, labels, chunk_size=CHUNK)[0]
+        return F.cross_entropy((h @ head.t()).flatten(0, 1), labels.flatten(), reduction="sum")
+
+    nbytes, loss = saved_bytes(run, keep)
+    # The MLP output h is an input of the loss: count it apart (it is O(S * dim), not O(S * hidden or vocab)).
+    return nbytes, loss, (x, head, ffn)
+
+
+def test_ffn_and_loss_activations_do_not_grow_with_sequence_length():
+    short, _, _ = _ffn_and_loss(64, blockwise=True)
+    long, _, _ = _ffn_and_loss(1024, blockwise=True)
+    plain_short, _, _ = _ffn_and_loss(64, blockwise=False)
+    plain_long, _, _ = _ffn_and_loss(1024, blockwise=False)
+    # The measurement does see activations: the plain MLP + full logits grow 16x with 16x the tokens.
+    assert plain_long >= 15 * plain_short > 0, (plain_short, plain_long)
+    # BPT: the only tensor kept is the MLP output h [S, DIM] that feeds the loss (the loss keeps views
+    # of it), nothing of size S x HIDDEN or S x VOCAB.
+    assert short <= 64 * DIM * 8 and long <= 1024 * DIM * 8, (short, long)
+    assert long - short == (1024 - 64) * DIM * 8, (short, long)
+    assert long < plain_long / 10
+
+
+def test_blockwise_ffn_and_chunked_loss_match_plain_values_and_gradients():
+    for seq_len in (37, 64):  # 37: chunks do not divide the sequence
+        _, loss_b, (x_b, head_b, ffn_b) = _ffn_and_loss(seq_len, blockwise=True)
+        _, loss_p, (x_p, head_p, ffn_p) = _ffn_and_loss(seq_len, blockwise=False)
+        torch.testing.assert_close(loss_b, loss_p, **TOL)
+        loss_b.backward()
+        loss_p.backward()
+        for a, b in [(x_b, x_p), (head_b, head_p), *zip(ffn_b.parameters(), ffn_p.parameters())]:
+            torch.testing.assert_close(a.grad, b.grad, **TOL)
+
+
+def test_apply_blockwise_keeps_parameter_names_and_objects():
+    model = Llama(ModelConfig(vocab_size=VOCAB, dim=DIM, n_layers=2, n_heads=4, ffn_hidden=HIDDEN))
+    before = dict(model.named_parameters())
+    assert apply_blockwise_ffn(model, 8) == 2
+    assert all(isinstance(layer.feed_forward, BlockwiseFeedForward) for layer in model.layers)
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    with pytest.raises(ValueError, match="chunk_size"):
+        BlockwiseFeedForward(DIM, HIDDEN, 0)
+
+
+def _model_run(policy, ffn_chunk, seq_len=64):
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(vocab_size=VOCAB, dim=DIM, n_layers=3, n_heads=4, n_kv_heads=2,
+                              ffn_hidden=HIDDEN)).double()
+    apply_blockwise_ffn(model, ffn_chunk)
+    apply_ac(model, policy)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, VOCAB, (2, seq_len), generator=g)
+    positions = torch.arange(seq_len).expand(2, seq_len)
+    nbytes, loss = saved_bytes(lambda: model.loss(model(tokens, positions), tokens, chunk_size=CHUNK)[0],
+                               [*model.parameters()])
+    loss.backward()
+    return nbytes, loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_ac_policies_give_the_same_numbers_and_keep_less():
+    ref_bytes, ref_loss, ref_grads = _model_run("none", 0)
+    kept = {}
+    for policy in ("none", "selective", "full"):
+        for chunk in (0, 24):
+            nbytes, loss, grads = _model_run(policy, chunk)
+            kept[(policy, chunk)] = nbytes
+            torch.testing.assert_close(loss, ref_loss, **TOL)
+            for name, g in grads.items():
+                torch.testing.assert_close(g, ref_grads[name], **TOL, msg=lambda m: f"{policy}/{chunk} {name}: {m}")
+    assert kept[("none", 0)] == ref_bytes
+    assert kept[("full", 0)] < kept[("selective", 0)] < kept[("none", 24)] < kept[("none", 0)], kept
+    with pytest.raises(ValueError, match="train.ac"):
+        apply_ac(Llama(ModelConfig(vocab_size=VOCAB, dim=DIM, n_layers=1, n_heads=4)), "some")
