@@ -52,6 +52,12 @@ class ModelConfig:
     rope_scaling: Optional[Dict[str, Any]] = None  # Hugging Face style rope_scaling dict
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Context extension (seqpar.models.hf): start from a local Hugging Face Llama directory; its
+    # config.json then fixes the shape (dim, layers, heads, vocab, rope_theta), and rope_scaling here,
+    # when set, overrides the checkpoint's. max_position_embeddings is the length the weights are meant
+    # for (written to config.json on export); None: derived from rope_scaling on export.
+    init_from: Optional[str] = None
+    max_position_embeddings: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -81,12 +87,21 @@ class ModelConfig:
             self.ffn_hidden = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
         _check_positive("model.ffn_hidden", self.ffn_hidden)
         _check_positive("model.rope_theta", self.rope_theta)
+        if not self.rope_scaling:  # {} is the command-line schema's "no scaling" (see register_configs)
+            self.rope_scaling = None
         if self.rope_scaling is not None:
             _check(
                 isinstance(self.rope_scaling, dict)
                 and ("rope_type" in self.rope_scaling or "type" in self.rope_scaling),
                 "model.rope_scaling must be a dict with a 'rope_type' key (e.g. {rope_type: yarn, factor: 4}).",
             )
+            # Lazy import (rope imports ConfigError from here): unknown type, factor < 1 and missing
+            # keys then fail at config time, naming model.rope_scaling.<field>.
+            from seqpar.ops.rope import compute_inv_freq
+
+            compute_inv_freq(self.head_dim, self.rope_theta, dict(self.rope_scaling))
+        if self.max_position_embeddings is not None:
+            _check_positive("model.max_position_embeddings", self.max_position_embeddings)
 
     @property
     def head_dim(self) -> int:
@@ -102,8 +117,13 @@ class ParallelConfig:
     layout: str = "zigzag"
     attention_backend: str = "auto"
     dist_backend: str = "auto"  # auto: nccl with CUDA, gloo otherwise
+    # FSDP2 sharding of params / grads / optimizer state (seqpar.parallel.fsdp): dp_cp shards over all
+    # dp*cp ranks (least memory); dp shards over dp and replicates over cp (HSDP: grads all-reduced
+    # over cp); none replicates everything (gradients all-reduced, DDP-like).
+    fsdp: str = "dp_cp"
 
     def __post_init__(self) -> None:
+        _check_choice("parallel.fsdp", self.fsdp, ("dp_cp", "dp", "none"))
         _check(self.dp == -1 or self.dp > 0, f"parallel.dp={self.dp} must be a positive integer or -1 (auto).")
         _check_positive("parallel.cp", self.cp)
         _check_choice("parallel.layout", self.layout, LAYOUTS)
@@ -133,16 +153,27 @@ class DataConfig:
     source: str = "stdlib"  # stdlib | text | jsonl
     paths: List[str] = field(default_factory=list)  # files or globs for text / jsonl
     jsonl_field: str = "text"
-    tokenizer: str = "byte"  # byte | bpe
+    tokenizer: str = "byte"  # byte | bpe | hf (a checkpoint's tokenizer.json)
+    tokenizer_path: Optional[str] = None  # hf: directory with tokenizer.json (default: model.init_from)
     bpe_vocab_size: int = 4096
     cache_dir: str = "~/.cache/seqpar"
     val_fraction: float = 0.01
     position_ids: str = "sequence"  # sequence: 0..S-1 per packed row; document: reset at each document
     max_bytes: Optional[int] = None  # cap on corpus size read (None: all)
+    # PoSE (seqpar.data.pose): train windows of train.seq_len whose position ids skip to cover
+    # pose_target_len (0: off) in pose_chunks contiguous chunks. Needs position_ids=sequence.
+    pose_target_len: int = 0
+    pose_chunks: int = 2
 
     def __post_init__(self) -> None:
         _check_choice("data.source", self.source, ("stdlib", "text", "jsonl"))
-        _check_choice("data.tokenizer", self.tokenizer, ("byte", "bpe"))
+        _check(self.pose_target_len >= 0, f"data.pose_target_len={self.pose_target_len} must be >= 0 (0: off).")
+        _check(self.pose_chunks >= 1, f"data.pose_chunks={self.pose_chunks} must be >= 1.")
+        _check(
+            self.pose_target_len == 0 or self.position_ids == "sequence",
+            "data.pose_target_len > 0 (PoSE) needs data.position_ids=sequence: PoSE rewrites the row's positions.",
+        )
+        _check_choice("data.tokenizer", self.tokenizer, ("byte", "bpe", "hf"))
         _check_choice("data.position_ids", self.position_ids, ("sequence", "document"))
         _check(0.0 <= self.val_fraction < 1.0, f"data.val_fraction={self.val_fraction} must be in [0, 1).")
         _check(
@@ -190,8 +221,18 @@ class TrainConfig:
     eval_batches: int = 4
     max_minutes: float = 0.0  # 0: no wall-clock budget
     loss_chunk: int = 1024  # tokens per chunk of the chunked cross-entropy
+    # Memory at long context (seqpar.models.blockwise, seqpar.parallel.fsdp): ffn_chunk > 0 runs the
+    # MLP blockwise over chunks of that many tokens under recompute (BPT); ac is activation
+    # checkpointing per block: none | full (keep only the block input) | selective (keep the attention
+    # inputs/outputs, recompute norms, projections and MLP).
+    ffn_chunk: int = 0
+    ac: str = "none"
+    dry_run: bool = False  # validate, print the mesh and a per-GPU memory estimate, exit (train.py --dry-run)
+    stop_file: Optional[str] = None  # when this file appears, checkpoint and exit (slurm/seqpar.sbatch sets it)
 
     def __post_init__(self) -> None:
+        _check(self.ffn_chunk >= 0, f"train.ffn_chunk={self.ffn_chunk} must be >= 0 (0: plain MLP).")
+        _check_choice("train.ac", self.ac, ("none", "full", "selective"))
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_batches", "loss_chunk"):
             _check_positive(f"train.{name}", getattr(self, name))
         _check(self.seq_len >= 2, f"train.seq_len={self.seq_len} must be >= 2.")
@@ -224,10 +265,38 @@ class CheckpointConfig:
     every: int = 0
     keep_last: int = 2
     resume: bool = True  # resume from the latest complete checkpoint in the run dir
+    async_save: bool = False  # dcp.async_save: training continues while a background thread writes
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, f"checkpoint.every={self.every} must be >= 0 (0 disables).")
         _check_positive("checkpoint.keep_last", self.keep_last)
+
+
+@dataclass
+class LoRAConfig:
+    """LongLoRA (seqpar.models.lora, seqpar.ops.s2attn): ``rank=0`` is full fine-tuning (LoRA off).
+
+    With ``rank > 0`` every weight is frozen except LoRA adapters ``B @ A`` (scaled ``alpha / rank``) on
+    ``targets``, plus the embeddings / norms when ``train_embeddings`` / ``train_norms``. ``s2_attn``
+    trains with shifted sparse attention in groups of ``s2_group_ratio * train.seq_len`` tokens.
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: List[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo"])
+    train_embeddings: bool = True
+    train_norms: bool = True
+    s2_attn: bool = False
+    s2_group_ratio: float = 0.25
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 0, f"lora.rank={self.rank} must be >= 0 (0: LoRA off).")
+        _check_positive("lora.alpha", self.alpha)
+        _check(0.0 <= self.dropout < 1.0, f"lora.dropout={self.dropout} must be in [0, 1).")
+        for t in self.targets:
+            _check_choice("lora.targets[]", t, ("wq", "wk", "wv", "wo", "w1", "w2", "w3"))
+        _check(0.0 < self.s2_group_ratio <= 1.0, f"lora.s2_group_ratio={self.s2_group_ratio} must be in (0, 1].")
 
 
 @dataclass
@@ -239,8 +308,30 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
+        if self.data.tokenizer == "hf" and not self.data.tokenizer_path:
+            _check(bool(self.model.init_from), "data.tokenizer=hf needs data.tokenizer_path or model.init_from "
+                   "(a Hugging Face checkpoint directory with tokenizer.json).")
+            self.data.tokenizer_path = self.model.init_from
+        _check(
+            self.data.pose_target_len == 0 or self.data.pose_target_len >= self.train.seq_len,
+            f"data.pose_target_len={self.data.pose_target_len} must be >= train.seq_len={self.train.seq_len} "
+            "(PoSE simulates a LONGER target context inside the training window), or 0 to turn PoSE off.",
+        )
+        _check(
+            not self.lora.s2_attn or self.parallel.cp == 1,
+            "lora.s2_attn=true needs parallel.cp=1: ring attention has no group (document-id) masks yet; "
+            "use full attention under ring (lora.s2_attn=false), which LongLoRA's LoRA+ also trains with.",
+        )
+        if self.lora.s2_attn:
+            group = int(self.lora.s2_group_ratio * self.train.seq_len)
+            _check(
+                group >= 2 and group % 2 == 0,
+                f"lora.s2_group_ratio={self.lora.s2_group_ratio} x train.seq_len={self.train.seq_len} gives "
+                f"S2-Attn groups of {group} tokens; it must be an even number >= 2 (the shift is half a group).",
+            )
         cp = self.parallel.cp
         need = 2 * cp if self.parallel.layout == "zigzag" else cp
         _check(
@@ -262,4 +353,8 @@ def register_configs() -> None:
     # preset or override of n_heads / dim re-derives them instead of inheriting the defaults' values.
     schema.model.n_kv_heads = None
     schema.model.ffn_hidden = None
+    # An empty dict, not None: OmegaConf cannot merge a command-line dict (model.rope_scaling={...})
+    # into a None node; ModelConfig turns {} back into None ("no scaling").
+    schema.model.rope_scaling = {}
+    OmegaConf.set_struct(schema.model.rope_scaling, False)  # its keys are the scaling type's, not a schema's
     ConfigStore.instance().store(name="seqpar_schema", node=schema)

@@ -63,7 +63,7 @@ def _import_tokenizers():
         import tokenizers  # noqa: F401
     except ImportError:
         raise ImportError(
-            "data.tokenizer=bpe needs the Hugging Face 'tokenizers' package; "
+            "data.tokenizer=bpe/hf needs the Hugging Face 'tokenizers' package; "
             "run `pip install tokenizers` (or `pip install seqpar[bpe]`), or set data.tokenizer=byte."
         ) from None
     return tokenizers
@@ -133,6 +133,67 @@ class BPETokenizer:
         return self._tok.decode([i for i in _as_int_list(ids) if 0 <= i < self._base])
 
 
+class HFTokenizer:
+    """The ``tokenizer.json`` of a Hugging Face checkpoint directory, for extending a pretrained model.
+
+    BOS/EOS are the checkpoint's own (``config.json``'s ``bos_token_id``/``eos_token_id``, else the
+    ``tokenizer_config.json`` token strings), so packed documents look like the model's pretraining.
+    """
+
+    def __init__(self, directory: str):
+        tk = _import_tokenizers()
+        path = os.path.join(directory, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"data.tokenizer=hf needs {path}; point data.tokenizer_path (or model.init_from) "
+                                    "at a Hugging Face checkpoint directory that has tokenizer.json.")
+        self._tok = tk.Tokenizer.from_file(path)
+        raw = Path(path).read_bytes()
+        self.cache_key = hashlib.sha256(raw).hexdigest()[:16]
+        self.bos_id, self.eos_id = self._special_ids(directory)
+        self.pad_id = self.eos_id
+
+    def _special_ids(self, directory: str) -> tuple[int, int]:
+        import json
+
+        ids = {}
+        cfg_path = os.path.join(directory, "config.json")
+        if os.path.isfile(cfg_path):
+            with open(cfg_path) as f:
+                cfg = json.load(f)
+            for name in ("bos", "eos"):
+                v = cfg.get(f"{name}_token_id")
+                ids[name] = v[0] if isinstance(v, list) and v else v
+        tok_cfg_path = os.path.join(directory, "tokenizer_config.json")
+        if os.path.isfile(tok_cfg_path):
+            with open(tok_cfg_path) as f:
+                tok_cfg = json.load(f)
+            for name in ("bos", "eos"):
+                tok = tok_cfg.get(f"{name}_token")
+                tok = tok.get("content") if isinstance(tok, dict) else tok
+                if ids.get(name) is None and isinstance(tok, str):
+                    ids[name] = self._tok.token_to_id(tok)
+        missing = [n for n in ("bos", "eos") if ids.get(n) is None]
+        if missing:
+            raise ValueError(f"data.tokenizer=hf: no {' / '.join(missing)} token id in {directory}/config.json or "
+                             "tokenizer_config.json; add bos_token_id and eos_token_id to config.json.")
+        return int(ids["bos"]), int(ids["eos"])
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> np.ndarray:
+        """``text`` -> ids ``[n]`` int32, no special tokens added (the packer adds BOS/EOS)."""
+        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        encs = self._tok.encode_batch(list(texts), add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int32) for e in encs]
+
+    def decode(self, ids) -> str:
+        return self._tok.decode(_as_int_list(ids), skip_special_tokens=True)
+
+
 def bpe_cache_path(cfg: DataConfig, corpus_id: str) -> Path:
     """``<cache_dir>/tokenizers/bpe-<hash>.json``, keyed by corpus identity, vocab size and recipe."""
     key = hashlib.sha256(f"{corpus_id}|{cfg.bpe_vocab_size}|{_BPE_RECIPE_VERSION}".encode()).hexdigest()[:16]
@@ -155,6 +216,12 @@ def build_tokenizer(cfg: DataConfig, documents_fn: Callable[[], Iterator[str]]):
     """
     if cfg.tokenizer == "byte":
         return ByteTokenizer()
+    if cfg.tokenizer == "hf":
+        tok = HFTokenizer(os.path.expanduser(cfg.tokenizer_path))
+        # The encoded-stream cache is keyed by vocabulary AND corpus (BPE's key gets the corpus through
+        # its file name; here the vocabulary comes from the checkpoint, so add the corpus explicitly).
+        tok.cache_key = hashlib.sha256(f"{tok.cache_key}|{corpus_fingerprint(cfg)}".encode()).hexdigest()[:16]
+        return tok
     _import_tokenizers()  # fail before any corpus work
 
     path = bpe_cache_path(cfg, corpus_fingerprint(cfg))

@@ -10,6 +10,7 @@ Parameter names follow Meta's Llama / torchtitan (``tok_embeddings``, ``layers.{
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Optional
 
@@ -143,6 +144,17 @@ class Llama(nn.Module):
         """Swap the attention function of every layer (None: back to :func:`default_attention`)."""
         for layer in self.layers:
             layer.attention.attn_fn = attn_fn if attn_fn is not None else default_attention
+
+    def set_rope_scaling(self, scaling: Optional[dict], seq_len: Optional[int] = None) -> None:
+        """Recompute the RoPE tables for another ``rope_scaling`` dict (evaluating a model with a scaling
+        it was not trained with) or another GLOBAL length ``seq_len`` (dynamic NTK depends on it).
+
+        Raises ConfigError (naming ``model.rope_scaling.<field>``) for an invalid dict.
+        """
+        inv_freq, self.rope_attention_scale = compute_inv_freq(
+            self.cfg.head_dim, self.cfg.rope_theta, scaling, seq_len)
+        self.cfg = dataclasses.replace(self.cfg, rope_scaling=scaling)  # a copy: the caller's config stays as is
+        self._inv_freq = {torch.device("cpu"): inv_freq}  # device copies are re-made on demand
 
     # ---- init --------------------------------------------------------------------------------------
     @torch.no_grad()

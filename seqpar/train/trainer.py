@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from seqpar.config import Config, ConfigError
 from seqpar.data import build_data
+from seqpar.data.pose import apply_pose
 from seqpar.models.llama import Llama
 from seqpar.ops import attention
 from seqpar.parallel.fsdp import parallelize
@@ -70,7 +71,17 @@ class Trainer:
         self.train_data, self.val_data, self.tokenizer = build_data(
             cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
             dp_rank=mesh.dp_rank, dp_size=mesh.dp)
+        if cfg.model.init_from:  # context extension: the HF checkpoint's config.json fixes the shape
+            from seqpar.models.hf import resolve_init_from
+
+            cfg = dataclasses.replace(cfg, model=resolve_init_from(cfg.model))
         self.cfg = cfg = _resolve_vocab(cfg, self.tokenizer.vocab_size)
+        if mesh.is_main:  # the resolved config, for seqpar.eval's --checkpoint RUN_DIR
+            import yaml
+
+            os.makedirs(cfg.logging.run_dir, exist_ok=True)
+            with open(os.path.join(cfg.logging.run_dir, "config.yaml"), "w") as f:
+                yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
         self.autocast = self._autocast_dtype()
         # A CPU group for checkpoint coordination (async saves run collectives from a thread) and the
         # per-step stop agreement (no CUDA sync). Created on every rank, same order.
@@ -101,6 +112,10 @@ class Trainer:
     # ----------------------------------------------------------------------------------- setup
     def _attention_fn(self):
         p = self.cfg.parallel
+        if self.cfg.lora.s2_attn:  # LongLoRA S2-Attn; Config guarantees cp == 1
+            from seqpar.ops.s2attn import make_s2_attn_fn
+
+            return make_s2_attn_fn(int(self.cfg.lora.s2_group_ratio * self.cfg.train.seq_len), backend=p.attention_backend)
         if self.mesh.cp == 1:
             return functools.partial(attention, backend=p.attention_backend)
         from seqpar.parallel.ring_attention import make_ring_attn_fn
@@ -126,14 +141,28 @@ class Trainer:
                 model = Llama(cfg.model, attn_fn=self._attention_fn())
         else:
             model = Llama(cfg.model, attn_fn=self._attention_fn())
+        if cfg.lora.rank > 0:  # adapters first, so FSDP shards them like every other parameter
+            from seqpar.models.lora import apply_lora
+
+            apply_lora(model, cfg.lora)
         dmesh = parallelize(model, self.mesh, fsdp=cfg.parallel.fsdp, ac=t.ac, ffn_chunk=t.ffn_chunk,
                             param_dtype=self.autocast)
         if on_meta:
             model.to_empty(device=self.device)
             torch.manual_seed(t.seed)
             model.init_weights()
+            if cfg.lora.rank > 0:
+                from seqpar.models.lora import reset_lora
+
+                reset_lora(model)  # init_weights knows nothing of adapters
         else:
             model.to(self.device)
+        if cfg.model.init_from:
+            from seqpar.models.hf import load_hf_weights
+
+            load_hf_weights(model, cfg.model.init_from)  # every rank reads, keeps its own shard
+        # Dynamic NTK depends on the (global) length; a no-op for the other scalings.
+        model.set_rope_scaling(cfg.model.rope_scaling, seq_len=max(t.seq_len, cfg.data.pose_target_len))
         return model, dmesh
 
     # ------------------------------------------------------------------------------ checkpoint
@@ -194,7 +223,10 @@ class Trainer:
         return loss_sum
 
     def train_step(self) -> dict:
-        micro = [next(self.train_data) for _ in range(self.cfg.train.grad_accum)]
+        d = self.cfg.data
+        micro = [apply_pose(next(self.train_data), target_len=d.pose_target_len, num_chunks=d.pose_chunks,
+                            seed=self.cfg.train.seed, step=self.step, micro_step=i, dp_rank=self.mesh.dp_rank)
+                 for i in range(self.cfg.train.grad_accum)]
         # Target tokens of the global batch: cp ranks of one dp rank hold the same rows, so reduce over dp.
         n_tokens = sum((b["labels"] != -100).sum() for b in micro).to(self.device, torch.float64)
         n_tokens = self._all_reduce(n_tokens, self.mesh.dp_group).clamp_min(1)
