@@ -182,13 +182,9 @@ class HFTokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> np.ndarray:
-        """``text`` -> ids ``[n]`` int32, no special tokens added (the packer adds BOS/EOS)."""
-        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
-
-    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        encs = self._tok.encode_batch(list(texts), add_special_tokens=False)
-        return [np.asarray(e.ids, dtype=np.int32) for e in encs]
+    # encode / encode_batch: BPETokenizer's (both wrap a tokenizers.Tokenizer in self._tok).
+    encode = BPETokenizer.encode
+    encode_batch = BPETokenizer.encode_batch
 
     def decode(self, ids) -> str:
         return self._tok.decode(_as_int_list(ids), skip_special_tokens=True)
