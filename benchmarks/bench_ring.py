@@ -1,9 +1,10 @@
 """Ring attention on GPUs: bf16 correctness over NCCL, then fwd+bwd causal throughput.
 
-Run (any number of GPUs; world sizes 1 and N are timed):
+Run (any number of GPUs; world sizes 1, 2, 4, ... up to all launched ranks, or ``--world-sizes``):
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
-        torchrun --nproc_per_node=2 benchmarks/bench_ring.py --out benchmarks/results
+        torchrun --nproc_per_node=2 benchmarks/bench_ring.py --out benchmarks/results \\
+        [--seqs 32768,65536,131072,262144,524288] [--world-sizes 1,2] [--methods ring,ring-nocomm,torch_cp]
 
 1. Checks: every layout x backend, causal or not, MHA and GQA, ``[B=2, S=2048, H=8, D=128]`` bf16,
    sharded over all ranks. out, dq, dk, dv are compared with a float64 reference by relative
@@ -19,7 +20,14 @@ Run (any number of GPUs; world sizes 1 and N are timed):
    ``kernels-only``: only the local kernel calls of the ring's plan (no merge, no accumulation);
    ``torch_cp``: torch.distributed.tensor.experimental.context_parallel (its head-tail load
    balancer, rotate method all-gather (torch's default) or all-to-all).
-Writes ``ring_<device>_<date>.json`` and ``.md`` under ``--out``, stamped with versions and date.
+   A world size w < N runs on the ring of ranks 0..w-1 (the others wait). A row that runs out of
+   memory is recorded as ``OOM`` and the run goes on. Warm-up/iterations: 3/10 up to 32k tokens,
+   2/5 up to 128k, 1/3 beyond.
+3. Derived columns (:func:`derive`): scaling efficiency = per-GPU TFLOP/s / the single-GPU TFLOP/s of
+   the same local kernel at the same total tokens in the same run (ring -> ring ws=1, torch_cp -> sdpa);
+   exposed-communication share = (t_ring - t_ring-nocomm) / t_ring.
+Writes ``ring_<device>_x<N>_<date>.json``, ``.md``, ``_tflops.png`` (TFLOP/s per GPU vs total tokens)
+and ``_efficiency.png`` (efficiency vs world size) under ``--out``, stamped with versions and date.
 """
 from __future__ import annotations
 
@@ -36,6 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/report.py
 from seqpar.ops.attention import kernel_pair, resolve_backend  # noqa: E402
 from seqpar.parallel import (plan_step, ring_attention, ring_attention_with_lse, shard_sequence,  # noqa: E402
                              unshard_sequence)
@@ -228,9 +237,82 @@ def bench_one(method, kernel, ws, seq, device, group, warmup, iters, layout="zig
     return ms, flops / (ms * 1e-3) / 1e12, peak
 
 
+def _status(exc) -> str:
+    """Short label of a failed row: 'OOM' for an out-of-memory error, else the exception's text."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        return "OOM"
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def _baseline_key(r: dict):
+    """The single-GPU row a row's scaling efficiency divides by: the same local kernel, ws=1, same total
+    tokens (ring variants -> ring on a ring of one; torch_cp -> SDPA of the same kind)."""
+    if r["method"] == "torch_cp":
+        return ("sdpa", r["kernel"].split("+")[0], 1, r["seq"])
+    if r["method"] == "sdpa":
+        return ("sdpa", r["kernel"], 1, r["seq"])
+    return ("ring", r["kernel"], 1, r["seq"])
+
+
+def derive(rows: list) -> list:
+    """Add ``efficiency`` (per-GPU TFLOP/s / the single-GPU TFLOP/s of the same local kernel, same
+    total tokens, same run) and, on ring rows with ws > 1, ``comm_share`` (exposed communication:
+    (t_ring - t_ring-nocomm) / t_ring, same kernel, layout, ws and tokens). Missing or failed
+    partners give None. Returns the rows (changed in place)."""
+    ok = lambda r: r is not None and r.get("error") is None and r["tflops_per_gpu"] == r["tflops_per_gpu"]
+    single = {(r["method"], r["kernel"], r["world_size"], r["seq"]): r for r in rows
+              if r["world_size"] == 1 and r["method"] in ("sdpa", "ring") and r["layout"] in ("zigzag", "-")}
+    nocomm = {(r["kernel"], r["layout"], r["world_size"], r["seq"]): r for r in rows if r["method"] == "ring-nocomm"}
+    for r in rows:
+        base = single.get(_baseline_key(r))
+        r["efficiency"] = r["tflops_per_gpu"] / base["tflops_per_gpu"] if ok(r) and ok(base) else None
+        nc = nocomm.get((r["kernel"], r["layout"], r["world_size"], r["seq"])) if r["method"] == "ring" else None
+        r["comm_share"] = max(0.0, (r["ms"] - nc["ms"]) / r["ms"]) if r["world_size"] > 1 and ok(r) and ok(nc) else None
+    return rows
+
+
+def write_results(out: str, meta: dict, checks: list, rows: list) -> str:
+    """JSON + markdown + two PNG plots (TFLOP/s per GPU vs total tokens; efficiency vs world size)
+    under ``out``; returns the markdown (its table is what main prints last)."""
+    import report
+
+    derive(rows)
+    name = f"ring_{meta['device'].replace(' ', '-')}_x{meta['gpus']}_{meta['date'][:10]}"
+    label = lambda r: f"{r['method']} {r['kernel']} {r['layout']} ws={r['world_size']}"
+    p1 = report.line_plot(os.path.join(out, name + "_tflops.png"),
+                          report.group_series(rows, label, "seq", "tflops_per_gpu"), xlabel="total tokens",
+                          ylabel="TFLOP/s per GPU", title=f"causal fwd+bwd, {meta['device']}", logx=True)
+    scaled = [r for r in rows if r["method"] in ("ring", "torch_cp") and r["layout"] in ("zigzag", "head-tail")]
+    p2 = report.line_plot(os.path.join(out, name + "_efficiency.png"),
+                          report.group_series(scaled, lambda r: f"{r['method']} {r['kernel']} {r['seq'] // 1024}k",
+                                              "world_size", "efficiency"),
+                          xlabel="GPUs", ylabel="per-GPU TFLOP/s / single-GPU", title="scaling efficiency",
+                          hline=0.95)
+    pct = lambda key: (lambda r: None if r.get(key) is None else f"{100 * r[key]:.0f}%")
+    cols = [("method", "method", ""), ("kernel", "kernel", ""), ("layout", "layout", ""), ("GPUs", "world_size", "d"),
+            ("total tokens", lambda r: f"{r['seq'] // 1024}k", ""),
+            ("ms", lambda r: r["error"] if r["error"] == "OOM" else r["ms"], ".1f"),
+            ("TFLOP/s per GPU", "tflops_per_gpu", ".0f"), ("efficiency", pct("efficiency"), ""),
+            ("exposed comm", pct("comm_share"), ""), ("peak GiB", "peak_gib", ".1f"),
+            ("error", lambda r: r["error"] if r["error"] not in (None, "OOM") else "", "")]
+    lines = ["# Ring attention fwd+bwd causal, bf16, B=1 H=32 D=128", "", report.meta_line(meta), "",
+             "efficiency: per-GPU TFLOP/s / single-GPU TFLOP/s of the same local kernel at the same total tokens "
+             "(ring -> ring ws=1, torch_cp -> sdpa). exposed comm: (t_ring - t_ring-nocomm) / t_ring.", "",
+             report.markdown_table(rows, cols)]
+    if checks:
+        lines += ["", f"bf16 checks over {meta['gpus']} ranks: {sum(c['ok'] for c in checks)}/{len(checks)} ok "
+                  f"(ring rel err <= 2x torch SDPA bf16 rel err, floor 1e-3; lse abs err <= 2e-2)"]
+    lines += [f"\n![{os.path.basename(p)}]({os.path.basename(p)})" for p in (p1, p2) if p]
+    md = "\n".join(lines) + "\n"
+    report.write_outputs(out, name, meta, {"checks": checks, "timings": rows}, md)
+    return md
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seqs", default="32768,131072")
+    ap.add_argument("--seqs", default="32768,65536,131072,262144,524288", help="total tokens, comma-separated")
+    ap.add_argument("--world-sizes", default="", help="e.g. 1,2,4,8 (default: 1, 2, 4, ... up to every GPU)")
+    ap.add_argument("--methods", default="sdpa,ring,ring-nocomm,kernels-only,torch_cp")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--no-check", action="store_true")
     args = ap.parse_args()
@@ -239,7 +321,13 @@ def main():
     device = torch.device("cuda", local_rank)
     dist.init_process_group("nccl", device_id=device, timeout=datetime.timedelta(seconds=240))
     rank, ws = dist.get_rank(), dist.get_world_size()
+    sizes = sorted({int(w) for w in args.world_sizes.split(",")} if args.world_sizes else
+                   {min(2 ** i, ws) for i in range(ws.bit_length())} | {ws})
+    if any(w < 1 or w > ws for w in sizes):
+        raise SystemExit(f"--world-sizes {sizes}: each must be between 1 and the {ws} launched ranks.")
     singletons = [dist.new_group([r]) for r in range(ws)]  # every rank creates every group
+    # Rings of the first w ranks; ranks outside a ring sit out its rows (new_group is collective).
+    rings = {w: (None if w == ws else dist.new_group(list(range(w)))) for w in sizes if w > 1}
     backends = available_backends(device)
     meta = dict(device=torch.cuda.get_device_name(device), gpus=ws, torch=torch.__version__,
                 cuda=torch.version.cuda, nccl=".".join(map(str, torch.cuda.nccl.version())),
@@ -261,55 +349,48 @@ def main():
 
     configs = [("sdpa", kind, 1, "-") for kind in ("flash", "cudnn")]
     configs += [("ring", be, 1, "zigzag") for be in backends]
-    if ws > 1:
-        configs += [("ring", be, ws, lay) for lay in ("zigzag", "striped") for be in backends]
-        configs += [(m, be, ws, "zigzag") for m in ("ring-nocomm", "kernels-only")
+    for w in (w for w in sizes if w > 1):
+        configs += [("ring", be, w, lay) for lay in ("zigzag", "striped") for be in backends]
+        configs += [(m, be, w, "zigzag") for m in ("ring-nocomm", "kernels-only")
                     for be in ("sdpa_flash", "sdpa_cudnn") if be in backends]
-        configs += [("torch_cp", f"{kind}+{rot}", ws, "head-tail") for kind in ("flash", "cudnn")
+        configs += [("torch_cp", f"{kind}+{rot}", w, "head-tail") for kind in ("flash", "cudnn")
                     for rot in ("allgather", "alltoall")]
-    from torch.distributed.device_mesh import init_device_mesh
+    configs = [c for c in configs if c[0] in args.methods.split(",")]
+    from torch.distributed.device_mesh import DeviceMesh
 
-    mesh = init_device_mesh("cuda", (ws,)) if ws > 1 else None
+    meshes = {w: DeviceMesh("cuda", list(range(w))) for w in sizes if w > 1}  # collective: every rank
     rows = []
     for seq in (int(s) for s in args.seqs.split(",")):
-        warmup, iters = (3, 10) if seq <= 32768 else (2, 5)
+        warmup, iters = (3, 10) if seq <= 32768 else (2, 5) if seq <= 131072 else (1, 3)
         for method, kernel, w, layout in configs:
-            group = singletons[rank] if w == 1 else None
+            group = singletons[rank] if w == 1 else rings[w]
             dist.barrier()
-            try:
-                ms, tflops, peak = bench_one(method, kernel, w, seq, device, group, warmup, iters, layout, mesh)
-                err = None
-            except Exception as e:  # noqa: BLE001 -- one failing method must not hide the others
-                ms, tflops, peak, err = float("nan"), float("nan"), float("nan"), f"{type(e).__name__}: {e}"[:300]
-            t = torch.tensor([ms], device=device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
-            ms = t.item()
+            ms, peak, err = 0.0, float("nan"), None  # ranks outside the ring report 0 ms (MAX ignores them)
+            if w == 1 or rank < w:
+                try:
+                    ms, _, peak = bench_one(method, kernel, w, seq, device, group, warmup, iters, layout,
+                                            meshes.get(w))
+                except Exception as e:  # noqa: BLE001 -- one failing method (or an OOM) must not hide the others
+                    ms, err = math.inf, _status(e)
+            # The slowest rank sets the pace; a failure anywhere (inf) fails the row; OOM is flagged.
+            t = torch.tensor([ms, 1.0 if err == "OOM" else 0.0, peak if peak == peak else 0.0], device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            ms, oom, peak = t.tolist()
+            if oom:
+                err = "OOM"
+            elif not math.isfinite(ms):
+                err = err or "failed on another rank"
+            ms = ms if math.isfinite(ms) else float("nan")
             tflops = 4 * seq * seq * 32 * 128 * 0.5 * 3.5 / w / (ms * 1e-3) / 1e12
             row = dict(method=method, kernel=kernel, layout=layout, world_size=w, seq=seq, ms=ms, tflops_per_gpu=tflops,
-                       peak_gib=peak, error=err)
+                       peak_gib=peak if peak > 0 else float("nan"), error=err)
             rows.append(row)
             if rank == 0:
                 print(json.dumps(row), flush=True)
             torch.cuda.empty_cache()
 
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        stamp = f"{meta['device'].replace(' ', '-')}_x{ws}_{meta['date'][:10]}"
-        with open(os.path.join(args.out, f"ring_{stamp}.json"), "w") as f:
-            json.dump(dict(meta=meta, checks=checks, timings=rows), f, indent=1)
-        lines = [f"# Ring attention fwd+bwd causal, bf16, B=1 H=32 D=128", "",
-                 " ".join(f"{k}={v}" for k, v in meta.items()), "",
-                 "| method | kernel | layout | GPUs | total tokens | ms | TFLOP/s per GPU | peak GiB |",
-                 "|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            lines.append(f"| {r['method']} | {r['kernel']} | {r['layout']} | {r['world_size']} | {r['seq'] // 1024}k | {r['ms']:.1f} | "
-                         f"{r['tflops_per_gpu']:.0f} | {r['peak_gib']:.1f} |" + (f" {r['error']}" if r["error"] else ""))
-        if checks:
-            lines += ["", f"bf16 checks over {ws} ranks: {sum(c['ok'] for c in checks)}/{len(checks)} ok "
-                      f"(ring rel err <= 2x torch SDPA bf16 rel err, floor 1e-3; lse abs err <= 2e-2)"]
-        with open(os.path.join(args.out, f"ring_{stamp}.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
-        print("\n".join(lines), flush=True)
+        print(write_results(args.out, meta, checks, rows), flush=True)
     failed = any(not c["ok"] for c in checks)
     dist.destroy_process_group()
     sys.exit(1 if failed else 0)

@@ -1,19 +1,33 @@
-"""Training throughput on this machine's GPUs: tokens/s per GPU, MFU and peak memory per configuration.
+"""Training throughput on this machine's GPUs: tokens/s per GPU, MFU and peak memory, weak and strong scaling.
 
-    python benchmarks/bench_train.py --out benchmarks/results [--steps 8] [--runs cp2_64k,cp1_32k]
+    # scaling (default): llama3-1b and llama3-8b shapes over world sizes 1, 2, 4, ... up to every GPU
+    python benchmarks/bench_train.py --out benchmarks/results --models llama3-1b,llama3-8b \\
+        --scaling weak,strong --tokens-per-gpu 32768 --seq-len 131072
+    # named runs (the earlier behaviour): experiment presets in conf/experiment/
+    python benchmarks/bench_train.py --runs cp2_64k,cp1_32k --steps 6 --tag h200x2
 
-Each run is ``torchrun --standalone --nproc_per_node=<GPUs> train.py <overrides>`` (the real entry
-point, FSDP2 + ring attention as configured); rank 0's ``metrics.jsonl`` gives per-step throughput,
-averaged over the steps after ``--warmup``. Next to the measured peak memory stands the dry-run
-estimate (:func:`seqpar.train.dry_run.estimate_memory`) of the same config. Writes
-``train_<model>_<device>.json`` and ``.md`` into ``--out`` and prints the table last.
+Each run is ``torchrun --standalone --nproc_per_node=<w> train.py <overrides>`` (the real entry point,
+FSDP2 over all ranks + ring attention over ``cp = w`` ranks, batch 1); rank 0's ``metrics.jsonl``
+gives per-step throughput, averaged over the steps after ``--warmup``.
+
+- weak scaling: fixed tokens per GPU (``--tokens-per-gpu``); one sequence of ``w * tokens_per_gpu``
+  tokens sharded over the ring of ``w`` GPUs. Attention FLOPs per token grow with the sequence, so
+  compare MFU (tokens/s/GPU falls by design).
+- strong scaling: fixed total sequence (``--seq-len``) over ``w`` GPUs.
+
+MFU (seqpar.train.metrics): per-token FLOPs = 6 * N_matmul + 6 * n_layers * dim * seq_len (causal
+attention, fwd+bwd; recompute not counted), x tokens/s / GPUs / the datasheet dense bf16 peak (989
+TFLOP/s for H100/H200). ``--ac auto`` picks per run the least checkpointing (none, selective, full)
+whose dry-run estimate fits in 90% of the GPU, and the table says which. Next to the measured peak
+memory stands the dry-run estimate (:func:`seqpar.train.dry_run.estimate_memory`). Writes JSON,
+markdown and a PNG (MFU vs GPUs) into ``--out`` and prints the table last.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -21,6 +35,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import report  # noqa: E402
 
 RUNS = {
     # name: overrides (experiment presets in conf/experiment/)
@@ -29,26 +45,42 @@ RUNS = {
     "cp2_64k_selective": ["experiment=llama3-1b_cp2_64k", "train.ac=selective"],
 }
 COMMON = ["checkpoint.every=0", "checkpoint.resume=false", "train.eval_every=0", "logging.log_every=1",
-          "logging.progress=false", "data.max_bytes=8000000"]
+          "logging.progress=false"]
+# Memory features per model shape for the scaling runs (ac is chosen per run with --ac auto).
+FEATURES = {"llama3-1b": ["train.ffn_chunk=8192", "train.loss_chunk=4096"],
+            "llama3-8b": ["train.ffn_chunk=4096", "train.loss_chunk=4096"]}
 
 
-def _device_info() -> dict:
-    import torch
+def scaling_runs(models: list, modes: list, world_sizes: list, tokens_per_gpu: int, seq_len: int) -> dict:
+    """``{name: (nproc, overrides)}`` for weak (fixed tokens per GPU) and strong (fixed total) scaling."""
+    runs = {}
+    for model in models:
+        for mode in modes:
+            for w in world_sizes:
+                s = tokens_per_gpu * w if mode == "weak" else seq_len
+                ov = [f"model={model}", *FEATURES.get(model, []), f"parallel.cp={w}", "parallel.dp=1",
+                      "parallel.fsdp=dp_cp", "train.batch_size=1", f"train.seq_len={s}",
+                      f"data.max_bytes={max(8_000_000, 6 * s)}"]
+                runs[f"{model}_{mode}_x{w}"] = (w, ov)
+    return runs
 
-    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "date": datetime.date.today().isoformat(),
-            "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0}
-    try:
-        import triton
 
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    info["device"] = torch.cuda.get_device_name(0) if info["gpus"] else "cpu"
-    return info
+def choose_ac(cfg, dp: int, cp: int, gpu_gib: float):
+    """Least activation checkpointing whose estimate fits in 90% of the GPU (full when none does)."""
+    import dataclasses
+
+    from seqpar.train.dry_run import estimate_memory
+
+    for ac in ("none", "selective", "full"):
+        c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ac=ac))
+        est = estimate_memory(c, dp, cp, bf16=True)
+        if est["total"] <= 0.9 * gpu_gib * 2**30:
+            return ac, est
+    return "full", est
 
 
 def _run(name: str, overrides: list, steps: int, warmup: int, nproc: int, workdir: str, out_dir: str,
-         timeout_s: float) -> dict:
+         timeout_s: float, ac: str = "", gpu_gib: float = 0.0) -> dict:
     from seqpar.cli import load_config
     from seqpar.train.dry_run import estimate_memory
 
@@ -56,19 +88,29 @@ def _run(name: str, overrides: list, steps: int, warmup: int, nproc: int, workdi
     args = [*overrides, *COMMON, f"train.steps={steps}", f"logging.run_dir={run_dir}"]
     cfg = load_config(args)
     dp, cp = cfg.parallel.resolve(nproc)
+    if ac == "auto":
+        chosen, est = choose_ac(cfg, dp, cp, gpu_gib)
+        args.append(f"train.ac={chosen}")
+        cfg = load_config(args)
+    elif ac:
+        args.append(f"train.ac={ac}")
+        cfg = load_config(args)
     est = estimate_memory(cfg, dp, cp, bf16=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py", *args]
     t0 = time.time()
-    with open(os.path.join(out_dir, f"{name}.log"), "w") as log:
+    log_path = os.path.join(out_dir, f"{name}.log")
+    with open(log_path, "w") as log:
         try:
             proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s)
             rc = proc.returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
-    rec = {"name": name, "overrides": overrides, "dp": dp, "cp": cp, "seq_len": cfg.train.seq_len,
-           "tokens_per_step": cfg.train.seq_len * cfg.train.batch_size * dp, "ac": cfg.train.ac,
-           "ffn_chunk": cfg.train.ffn_chunk, "fsdp": cfg.parallel.fsdp, "returncode": rc,
-           "wall_s": round(time.time() - t0, 1), "est_mem_gib": round(est["total"] / 2**30, 2)}
+    oom = bool(re.search(r"out of memory|OutOfMemoryError", open(log_path, errors="replace").read(), re.I))
+    rec = {"name": name, "model": cfg.model.name, "overrides": overrides, "nproc": nproc, "dp": dp, "cp": cp,
+           "seq_len": cfg.train.seq_len, "tokens_per_step": cfg.train.seq_len * cfg.train.batch_size * dp,
+           "ac": cfg.train.ac, "ffn_chunk": cfg.train.ffn_chunk, "fsdp": cfg.parallel.fsdp, "returncode": rc,
+           "status": "ok" if rc == 0 else "OOM" if oom else str(rc), "wall_s": round(time.time() - t0, 1),
+           "est_mem_gib": round(est["total"] / 2**30, 2)}
     path = os.path.join(run_dir, "metrics.jsonl")
     steps_log = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
     steps_log = [s for s in steps_log if "tokens_per_s" in s]
@@ -85,50 +127,81 @@ def _run(name: str, overrides: list, steps: int, warmup: int, nproc: int, workdi
     return rec
 
 
-def _markdown(info: dict, runs: list) -> str:
-    lines = [f"# Training throughput: llama3-1b shape on {info['gpus']} x {info['device']}", "",
-             f"torch {info['torch']} (CUDA {info['cuda']}), triton {info['triton']}, {info['date']}. bf16 compute, "
-             "fp32 master weights/grad reduce (FSDP2), AdamW, stdlib corpus (byte tokenizer), batch 1 sequence per "
-             "dp rank, attention_backend=auto. MFU counts 6N + causal attention (6 L d S) FLOPs per token against "
-             "989 TFLOP/s dense bf16; recompute is not counted. Peak memory: max over ranks of "
-             "torch.cuda.max_memory_allocated; estimate: `train.py --dry-run` of the same config.", "",
-             "| run | mesh | seq_len | ac | ffn_chunk | tokens/s/GPU | TFLOP/s/GPU | MFU | step (s) | peak mem (GiB) | estimate (GiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in runs:
-        if "tokens_per_s_per_gpu" not in r:
-            lines.append(f"| {r['name']} | dp={r['dp']} cp={r['cp']} | {r['seq_len']} | {r['ac']} | {r['ffn_chunk']} | "
-                         f"failed (rc {r['returncode']}) | | | | | {r['est_mem_gib']} |")
-            continue
-        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
-        lines.append(f"| {r['name']} | dp={r['dp']} cp={r['cp']} | {r['seq_len']:,} | {r['ac']} | {r['ffn_chunk']} | "
-                     f"{r['tokens_per_s_per_gpu']:,.0f} | {r['tflops_per_gpu']} | {mfu} | {r['step_time_s']} | "
-                     f"{r['peak_mem_gib']} | {r['est_mem_gib']} |")
+def markdown(info: dict, runs: list) -> str:
+    """The results table with the measurement conditions above it."""
+    cols = [("run", "name", ""), ("mesh", lambda r: f"dp={r['dp']} cp={r['cp']}", ""), ("seq_len", "seq_len", ",d"),
+            ("ac", "ac", ""), ("ffn_chunk", "ffn_chunk", ""),
+            ("tokens/s/GPU", lambda r: r.get("tokens_per_s_per_gpu", f"failed ({r['status']})"), ",.0f"),
+            ("TFLOP/s/GPU", "tflops_per_gpu", ".1f"),
+            ("MFU", lambda r: None if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%", ""),
+            ("step (s)", "step_time_s", ".3f"), ("peak mem (GiB)", "peak_mem_gib", ".2f"),
+            ("estimate (GiB)", "est_mem_gib", ".2f")]
+    lines = [f"# Training throughput on {info['gpus']} x {info['device']}", "", report.meta_line(info), "",
+             "bf16 compute, fp32 master weights/grad reduce (FSDP2 over all ranks), AdamW, stdlib corpus (byte "
+             "tokenizer), batch 1 sequence per dp rank, attention_backend=auto. MFU = (6 N_matmul + 6 L d S) FLOPs "
+             "per token x tokens/s / GPUs / datasheet dense bf16 peak (989 TFLOP/s on H100/H200); recompute is not "
+             "counted. Peak memory: max over ranks of torch.cuda.max_memory_allocated; estimate: `train.py "
+             "--dry-run` of the same config.", "", report.markdown_table(runs, cols)]
     return "\n".join(lines) + "\n"
+
+
+def plot(path: str, runs: list):
+    """MFU (%) against GPUs, one line per model and scaling mode (runs named <model>_<mode>_x<w>)."""
+    pts = [r for r in runs if re.search(r"_(weak|strong)_x\d+$", r["name"])]
+    series = report.group_series(
+        [{**r, "mfu_pct": 100 * r["mfu"] if r.get("mfu") is not None else None} for r in pts],
+        lambda r: r["name"].rsplit("_x", 1)[0], "nproc", "mfu_pct")
+    return report.line_plot(path, series, xlabel="GPUs", ylabel="MFU (%)", title="training MFU, weak and strong scaling",
+                            hline=45.0)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
-    ap.add_argument("--runs", default=",".join(RUNS))
+    ap.add_argument("--runs", default="", help=f"named runs ({','.join(RUNS)}); when given, no scaling runs")
+    ap.add_argument("--models", default="llama3-1b,llama3-8b")
+    ap.add_argument("--scaling", default="weak,strong")
+    ap.add_argument("--world-sizes", default="", help="e.g. 1,2,4,8 (default: 1, 2, 4, ... up to every GPU)")
+    ap.add_argument("--tokens-per-gpu", type=int, default=32768, help="weak scaling")
+    ap.add_argument("--seq-len", type=int, default=131072, help="strong scaling: total sequence")
+    ap.add_argument("--ac", default="auto", help="none | selective | full | auto (scaling runs)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the averages")
-    ap.add_argument("--nproc", type=int, default=0, help="processes per run (0: every visible GPU)")
+    ap.add_argument("--nproc", type=int, default=0, help="processes per named run (0: every visible GPU)")
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds per run")
     ap.add_argument("--workdir", default="/tmp/seqpar_bench")
-    ap.add_argument("--tag", default="", help="file tag, e.g. h200x2 (default: from the GPU name and count)")
+    ap.add_argument("--tag", default="", help="file tag, e.g. h200x2 (default: device and GPU count)")
     args = ap.parse_args()
-    info = _device_info()
-    nproc = args.nproc or max(1, info["gpus"])
-    tag = args.tag or (info["device"].split()[-1].lower() + f"x{nproc}" if info["gpus"] else "cpu")
+    info = report.environment()
+    gpus = max(1, info["gpus"])
+    gpu_gib = 140.0
+    if info["gpus"]:
+        import torch
+
+        gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    if args.runs:
+        nproc = args.nproc or gpus
+        todo = {n: (nproc, RUNS[n]) for n in args.runs.split(",")}
+        ac, prefix = "", "train_llama3-1b"
+    else:
+        sizes = ([int(w) for w in args.world_sizes.split(",")] if args.world_sizes
+                 else sorted({min(2 ** i, gpus) for i in range(gpus.bit_length())} | {gpus}))
+        todo = scaling_runs(args.models.split(","), args.scaling.split(","), sizes, args.tokens_per_gpu, args.seq_len)
+        ac, prefix = args.ac, "train_scaling"
+    tag = args.tag or report.stem("", info, max(n for n, _ in todo.values()))[1:]
     os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"{prefix}_{tag}")
     runs = []
-    for name in args.runs.split(","):
-        runs.append(_run(name, RUNS[name], args.steps, args.warmup, nproc, args.workdir, args.out, args.timeout))
-        result = {**info, "nproc": nproc, "steps": args.steps, "warmup": args.warmup, "runs": runs}
-        stem = os.path.join(args.out, f"train_llama3-1b_{tag}")
-        with open(stem + ".json", "w") as f:  # rewritten after every run: partial results survive a timeout
-            json.dump(result, f, indent=2)
-        md = _markdown(info, runs)
+    for name, (nproc, overrides) in todo.items():
+        runs.append(_run(name, overrides, args.steps, args.warmup, nproc, args.workdir, args.out, args.timeout,
+                         ac, gpu_gib))
+        md = markdown(info, runs)
+        # Rewritten after every run: partial results survive a timeout of the whole benchmark.
+        report.write_outputs(args.out, os.path.basename(stem), info,
+                             {"steps": args.steps, "warmup": args.warmup, "runs": runs}, md)
+    png = plot(stem + ".png", runs)
+    if png:
+        md += f"\n![MFU vs GPUs]({os.path.basename(png)})\n"
         with open(stem + ".md", "w") as f:
             f.write(md)
     print(md, end="")
