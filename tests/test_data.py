@@ -1,7 +1,6 @@
 """Data pipeline: corpus sources, tokenizers, packing invariants, dp sharding, resume, errors."""
 from __future__ import annotations
 
-import itertools
 import json
 import sys
 
