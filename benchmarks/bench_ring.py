@@ -22,7 +22,8 @@ Run (any number of GPUs; world sizes 1, 2, 4, ... up to all launched ranks, or `
    balancer, rotate method all-gather (torch's default) or all-to-all).
    A world size w < N runs on the ring of ranks 0..w-1 (the others wait). A row that runs out of
    memory is recorded as ``OOM`` and the run goes on. Warm-up/iterations: 3/10 up to 32k tokens,
-   2/5 up to 128k, 1/3 beyond.
+   2/5 up to 128k, 1/2 beyond (a 512k step takes seconds; run-to-run spread there is < 1%).
+   ``--full-upto N --long-kernels cudnn`` times only that kernel family beyond N tokens (device time).
 3. Derived columns (:func:`derive`): scaling efficiency = per-GPU TFLOP/s / the single-GPU TFLOP/s of
    the same local kernel at the same total tokens in the same run (ring -> ring ws=1, torch_cp -> sdpa);
    exposed-communication share = (t_ring - t_ring-nocomm) / t_ring.
@@ -271,13 +272,28 @@ def derive(rows: list) -> list:
     return rows
 
 
-def write_results(out: str, meta: dict, checks: list, rows: list) -> str:
+def merge(paths: list, out: str, tag: str = "") -> None:
+    """Rebuild one report (JSON, markdown, plots) from several runs' JSON files: rows concatenated in
+    order (a later file's row replaces an earlier one of the same method/kernel/layout/GPUs/tokens),
+    metadata and checks from the first file that has them."""
+    rows, meta, checks = {}, None, []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        meta = meta or data["meta"]
+        checks = checks or data.get("checks", [])
+        for r in data["timings"]:
+            rows[(r["method"], r["kernel"], r["layout"], r["world_size"], r["seq"])] = r
+    print(write_results(out, meta, checks, list(rows.values()), tag), flush=True)
+
+
+def write_results(out: str, meta: dict, checks: list, rows: list, tag: str = "") -> str:
     """JSON + markdown + two PNG plots (TFLOP/s per GPU vs total tokens; efficiency vs world size)
     under ``out``; returns the markdown (its table is what main prints last)."""
     import report
 
     derive(rows)
-    name = f"ring_{meta['device'].replace(' ', '-')}_x{meta['gpus']}_{meta['date'][:10]}"
+    name = f"ring_{meta['device'].replace(' ', '-')}_x{meta['gpus']}_{meta['date'][:10]}" + (f"_{tag}" if tag else "")
     label = lambda r: f"{r['method']} {r['kernel']} {r['layout']} ws={r['world_size']}"
     p1 = report.line_plot(os.path.join(out, name + "_tflops.png"),
                           report.group_series(rows, label, "seq", "tflops_per_gpu"), xlabel="total tokens",
@@ -314,8 +330,16 @@ def main():
     ap.add_argument("--world-sizes", default="", help="e.g. 1,2,4,8 (default: 1, 2, 4, ... up to every GPU)")
     ap.add_argument("--methods", default="sdpa,ring,ring-nocomm,kernels-only,torch_cp")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--full-upto", type=int, default=1 << 62,
+                    help="total tokens up to which every method x kernel x layout runs; longer: --long-kernels only")
+    ap.add_argument("--long-kernels", default="cudnn", help="kernel families timed beyond --full-upto")
+    ap.add_argument("--tag", default="", help="suffix of the output file names")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="no GPU: rebuild one report from earlier runs' JSON files (rows concatenated)")
     ap.add_argument("--no-check", action="store_true")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, args.out, args.tag)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank)
@@ -356,13 +380,22 @@ def main():
         configs += [("torch_cp", f"{kind}+{rot}", w, "head-tail") for kind in ("flash", "cudnn")
                     for rot in ("allgather", "alltoall")]
     configs = [c for c in configs if c[0] in args.methods.split(",")]
+    long_kernels = [k for k in args.long_kernels.split(",") if k]
+
+    def configs_at(seq: int) -> list:
+        """Every config up to --full-upto tokens; beyond, only the --long-kernels family, zigzag (device
+        time: one fwd+bwd of 512k tokens on one GPU takes 14 s with cuDNN, 25 s with FlashAttention-2)."""
+        if seq <= args.full_upto:
+            return configs
+        return [c for c in configs if any(k in c[1] for k in long_kernels) and c[0] != "kernels-only"
+                and c[3] in ("zigzag", "-", "head-tail")]
     from torch.distributed.device_mesh import DeviceMesh
 
     meshes = {w: DeviceMesh("cuda", list(range(w))) for w in sizes if w > 1}  # collective: every rank
     rows = []
     for seq in (int(s) for s in args.seqs.split(",")):
-        warmup, iters = (3, 10) if seq <= 32768 else (2, 5) if seq <= 131072 else (1, 3)
-        for method, kernel, w, layout in configs:
+        warmup, iters = (3, 10) if seq <= 32768 else (2, 5) if seq <= 131072 else (1, 2)
+        for method, kernel, w, layout in configs_at(seq):
             group = singletons[rank] if w == 1 else rings[w]
             dist.barrier()
             ms, peak, err = 0.0, float("nan"), None  # ranks outside the ring report 0 ms (MAX ignores them)
@@ -390,7 +423,7 @@ def main():
             torch.cuda.empty_cache()
 
     if rank == 0:
-        print(write_results(args.out, meta, checks, rows), flush=True)
+        print(write_results(args.out, meta, checks, rows, args.tag), flush=True)
     failed = any(not c["ok"] for c in checks)
     dist.destroy_process_group()
     sys.exit(1 if failed else 0)

@@ -17,10 +17,11 @@ gives per-step throughput, averaged over the steps after ``--warmup``.
 
 MFU (seqpar.train.metrics): per-token FLOPs = 6 * N_matmul + 6 * n_layers * dim * seq_len (causal
 attention, fwd+bwd; recompute not counted), x tokens/s / GPUs / the datasheet dense bf16 peak (989
-TFLOP/s for H100/H200). ``--ac auto`` picks per run the least checkpointing (none, selective, full)
-whose dry-run estimate fits in 90% of the GPU, and the table says which. Next to the measured peak
-memory stands the dry-run estimate (:func:`seqpar.train.dry_run.estimate_memory`). Writes JSON,
-markdown and a PNG (MFU vs GPUs) into ``--out`` and prints the table last.
+TFLOP/s for H100/H200). ``--ac auto`` picks per run the least recompute (no checkpointing with a plain,
+then a blockwise MLP; selective; full) whose dry-run estimate fits in 90% of the GPU, and the table says
+which. ``--compile on`` adds ``train.compile=true`` (fused norms, RoPE and MLP; seqpar.models.compile).
+Next to the measured peak memory stands the dry-run estimate (:func:`seqpar.train.dry_run.estimate_memory`).
+Writes JSON, markdown and a PNG (MFU vs GPUs) into ``--out`` and prints the table last.
 """
 from __future__ import annotations
 
@@ -51,32 +52,44 @@ FEATURES = {"llama3-1b": ["train.ffn_chunk=8192", "train.loss_chunk=4096"],
             "llama3-8b": ["train.ffn_chunk=4096", "train.loss_chunk=4096"]}
 
 
-def scaling_runs(models: list, modes: list, world_sizes: list, tokens_per_gpu: int, seq_len: int) -> dict:
-    """``{name: (nproc, overrides)}`` for weak (fixed tokens per GPU) and strong (fixed total) scaling."""
-    runs = {}
+def scaling_runs(models: list, modes: list, world_sizes: list, tokens_per_gpu: int, seq_len: int,
+                 compile_modes: tuple = (False,)) -> dict:
+    """``{name: (nproc, overrides)}`` for weak (fixed tokens per GPU) and strong (fixed total) scaling,
+    once per ``compile_modes`` entry (``train.compile``; compiled runs are named ``..._compile_x<w>``).
+    A strong run that repeats a weak run's exact configuration is not run twice."""
+    runs, seen = {}, set()
     for model in models:
-        for mode in modes:
-            for w in world_sizes:
-                s = tokens_per_gpu * w if mode == "weak" else seq_len
-                ov = [f"model={model}", *FEATURES.get(model, []), f"parallel.cp={w}", "parallel.dp=1",
-                      "parallel.fsdp=dp_cp", "train.batch_size=1", f"train.seq_len={s}",
-                      f"data.max_bytes={max(8_000_000, 6 * s)}"]
-                runs[f"{model}_{mode}_x{w}"] = (w, ov)
+        for comp in compile_modes:
+            for mode in modes:
+                for w in world_sizes:
+                    s = tokens_per_gpu * w if mode == "weak" else seq_len
+                    ov = [f"model={model}", *FEATURES.get(model, []), f"parallel.cp={w}", "parallel.dp=1",
+                          "parallel.fsdp=dp_cp", "train.batch_size=1", f"train.seq_len={s}",
+                          f"data.max_bytes={max(8_000_000, 6 * s)}", f"train.compile={str(comp).lower()}"]
+                    if (w, tuple(ov)) in seen:
+                        continue
+                    seen.add((w, tuple(ov)))
+                    runs[f"{model}_{mode}{'_compile' if comp else ''}_x{w}"] = (w, ov)
     return runs
 
 
-def choose_ac(cfg, dp: int, cp: int, gpu_gib: float):
-    """Least activation checkpointing whose estimate fits in 90% of the GPU (full when none does)."""
+def choose_memory(cfg, dp: int, cp: int, gpu_gib: float):
+    """Least recompute whose dry-run estimate fits in 90% of the GPU: ``(ac, ffn_chunk, estimate)``.
+
+    Tried in order: no checkpointing and a plain MLP; no checkpointing and the blockwise MLP (recomputes
+    one MLP forward); selective; full (the fallback when nothing fits). The blockwise chunk is the
+    config's ``train.ffn_chunk`` (8192 when it is 0)."""
     import dataclasses
 
     from seqpar.train.dry_run import estimate_memory
 
-    for ac in ("none", "selective", "full"):
-        c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ac=ac))
+    chunk = cfg.train.ffn_chunk or 8192
+    for ac, ffn in (("none", 0), ("none", chunk), ("selective", chunk), ("full", chunk)):
+        c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ac=ac, ffn_chunk=ffn))
         est = estimate_memory(c, dp, cp, bf16=True)
         if est["total"] <= 0.9 * gpu_gib * 2**30:
-            return ac, est
-    return "full", est
+            return ac, ffn, est
+    return "full", chunk, est
 
 
 def _run(name: str, overrides: list, steps: int, warmup: int, nproc: int, workdir: str, out_dir: str,
@@ -89,8 +102,8 @@ def _run(name: str, overrides: list, steps: int, warmup: int, nproc: int, workdi
     cfg = load_config(args)
     dp, cp = cfg.parallel.resolve(nproc)
     if ac == "auto":
-        chosen, est = choose_ac(cfg, dp, cp, gpu_gib)
-        args.append(f"train.ac={chosen}")
+        chosen, ffn, est = choose_memory(cfg, dp, cp, gpu_gib)
+        args += [f"train.ac={chosen}", f"train.ffn_chunk={ffn}"]
         cfg = load_config(args)
     elif ac:
         args.append(f"train.ac={ac}")
@@ -108,7 +121,8 @@ def _run(name: str, overrides: list, steps: int, warmup: int, nproc: int, workdi
     oom = bool(re.search(r"out of memory|OutOfMemoryError", open(log_path, errors="replace").read(), re.I))
     rec = {"name": name, "model": cfg.model.name, "overrides": overrides, "nproc": nproc, "dp": dp, "cp": cp,
            "seq_len": cfg.train.seq_len, "tokens_per_step": cfg.train.seq_len * cfg.train.batch_size * dp,
-           "ac": cfg.train.ac, "ffn_chunk": cfg.train.ffn_chunk, "fsdp": cfg.parallel.fsdp, "returncode": rc,
+           "ac": cfg.train.ac, "ffn_chunk": cfg.train.ffn_chunk, "compile": cfg.train.compile,
+           "fsdp": cfg.parallel.fsdp, "returncode": rc,
            "status": "ok" if rc == 0 else "OOM" if oom else str(rc), "wall_s": round(time.time() - t0, 1),
            "est_mem_gib": round(est["total"] / 2**30, 2)}
     path = os.path.join(run_dir, "metrics.jsonl")
@@ -131,6 +145,7 @@ def markdown(info: dict, runs: list) -> str:
     """The results table with the measurement conditions above it."""
     cols = [("run", "name", ""), ("mesh", lambda r: f"dp={r['dp']} cp={r['cp']}", ""), ("seq_len", "seq_len", ",d"),
             ("ac", "ac", ""), ("ffn_chunk", "ffn_chunk", ""),
+            ("compile", lambda r: "yes" if r.get("compile") else "no", ""),
             ("tokens/s/GPU", lambda r: r.get("tokens_per_s_per_gpu", f"failed ({r['status']})"), ",.0f"),
             ("TFLOP/s/GPU", "tflops_per_gpu", ".1f"),
             ("MFU", lambda r: None if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%", ""),
@@ -147,7 +162,7 @@ def markdown(info: dict, runs: list) -> str:
 
 def plot(path: str, runs: list):
     """MFU (%) against GPUs, one line per model and scaling mode (runs named <model>_<mode>_x<w>)."""
-    pts = [r for r in runs if re.search(r"_(weak|strong)_x\d+$", r["name"])]
+    pts = [r for r in runs if re.search(r"_(weak|strong)(_compile)?_x\d+$", r["name"])]
     series = report.group_series(
         [{**r, "mfu_pct": 100 * r["mfu"] if r.get("mfu") is not None else None} for r in pts],
         lambda r: r["name"].rsplit("_x", 1)[0], "nproc", "mfu_pct")
@@ -164,7 +179,9 @@ def main() -> int:
     ap.add_argument("--world-sizes", default="", help="e.g. 1,2,4,8 (default: 1, 2, 4, ... up to every GPU)")
     ap.add_argument("--tokens-per-gpu", type=int, default=32768, help="weak scaling")
     ap.add_argument("--seq-len", type=int, default=131072, help="strong scaling: total sequence")
-    ap.add_argument("--ac", default="auto", help="none | selective | full | auto (scaling runs)")
+    ap.add_argument("--ac", default="auto", help="none | selective | full | auto (scaling runs; auto also picks "
+                    "train.ffn_chunk: the least recompute that fits)")
+    ap.add_argument("--compile", default="off", help="train.compile for the scaling runs: off | on | off,on (both)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the averages")
     ap.add_argument("--nproc", type=int, default=0, help="processes per named run (0: every visible GPU)")
@@ -186,7 +203,9 @@ def main() -> int:
     else:
         sizes = ([int(w) for w in args.world_sizes.split(",")] if args.world_sizes
                  else sorted({min(2 ** i, gpus) for i in range(gpus.bit_length())} | {gpus}))
-        todo = scaling_runs(args.models.split(","), args.scaling.split(","), sizes, args.tokens_per_gpu, args.seq_len)
+        modes = tuple({"off": False, "on": True}[c] for c in args.compile.split(","))
+        todo = scaling_runs(args.models.split(","), args.scaling.split(","), sizes, args.tokens_per_gpu, args.seq_len,
+                            modes)
         ac, prefix = args.ac, "train_scaling"
     tag = args.tag or report.stem("", info, max(n for n, _ in todo.values()))[1:]
     os.makedirs(args.out, exist_ok=True)

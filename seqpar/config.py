@@ -227,6 +227,9 @@ class TrainConfig:
     # inputs/outputs, recompute norms, projections and MLP).
     ffn_chunk: int = 0
     ac: str = "none"
+    # torch.compile the norms, RoPE and MLP of every block (seqpar.models.compile): fused element-wise
+    # kernels and fewer saved activations; attention is never compiled. Costs a compile on the first step.
+    compile: bool = False
     dry_run: bool = False  # validate, print the mesh and a per-GPU memory estimate, exit (train.py --dry-run)
     stop_file: Optional[str] = None  # when this file appears, checkpoint and exit (slurm/seqpar.sbatch sets it)
 

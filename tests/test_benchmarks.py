@@ -124,6 +124,16 @@ def test_ring_derived_columns_and_outputs(tmp_path):
     assert json.load(open(f"{stem}.json"))["timings"][2]["comm_share"] == pytest.approx(1 / 30)
     for suffix in ("_tflops.png", "_efficiency.png"):
         assert open(f"{stem}{suffix}", "rb").read(8) == PNG_MAGIC
+    # Two runs (e.g. every kernel up to 256k, then cuDNN only at 512k) merged into one report.
+    long = [_ring_row("ring", "sdpa_cudnn", 1, 16 * s, 900.0), _ring_row("ring", "sdpa_cudnn", 2, 16 * s, 470.0),
+            _ring_row("ring", "sdpa_cudnn", 2, 2 * s, 110.0)]  # replaces the OOM row of the first run
+    bench_ring.write_results(str(tmp_path), meta, [], long, tag="long")
+    bench_ring.merge([f"{stem}.json", f"{stem}_long.json"], str(tmp_path), tag="all")
+    merged = json.load(open(f"{stem}_all.json"))["timings"]
+    assert len(merged) == len(rows) + 2
+    by_key = {(r["method"], r["world_size"], r["seq"]): r for r in merged if r["kernel"] == "sdpa_cudnn"}
+    assert by_key[("ring", 2, 2 * s)]["ms"] == 110.0 and by_key[("ring", 2, 2 * s)]["error"] is None
+    assert by_key[("ring", 2, 16 * s)]["efficiency"] == pytest.approx(900.0 / (2 * 470.0))
 
 
 def test_train_scaling_runs_markdown_plot(tmp_path):

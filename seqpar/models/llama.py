@@ -54,6 +54,9 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Grouped-query self-attention: RoPE on q and k, then the injected ``attn_fn``."""
 
+    # RoPE as an attribute so seqpar.models.compile can swap in a fused (torch.compile'd) copy per instance.
+    rope_fn = staticmethod(apply_rope)
+
     def __init__(self, cfg: ModelConfig, attn_fn: AttnFn):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -71,7 +74,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, S, self.n_heads, self.head_dim)  # [B, S, H*D] -> [B, S, H, D]
         k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim)  # [B, S, Hkv*D] -> [B, S, Hkv, D]
         v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.rope_fn(q, cos, sin), self.rope_fn(k, cos, sin)
         # k/v stay un-expanded: the attention kernel (and ring attention, which ships k/v around the
         # ring) handles GQA, so we never send n_heads/n_kv_heads times more bytes than needed.
         out = self.attn_fn(q, k, v, causal=True, softmax_scale=self.softmax_scale)  # [B, S, H, D]

@@ -1,6 +1,7 @@
 """FSDP2 wrapping and activation-checkpointing policies for the Llama decoder.
 
-Order (as in torchtitan): model surgery (BPT blockwise MLP) -> activation checkpointing -> FSDP.
+Order (as in torchtitan): model surgery (BPT blockwise MLP) -> torch.compile (``train.compile``) ->
+activation checkpointing -> FSDP.
 AC wraps each block's *forward*; FSDP2's hooks run around it, so a recompute in backward runs while
 FSDP holds the block's all-gathered weights.
 
@@ -27,8 +28,8 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from seqpar.models.blockwise import apply_blockwise_ffn
+from seqpar.models.compile import compile_model
 from seqpar.models.llama import Attention, TransformerBlock
-from seqpar.ops.rope import apply_rope
 from seqpar.parallel.mesh import Mesh
 
 AC_POLICIES = ("none", "full", "selective")
@@ -50,7 +51,7 @@ def _qkv(block: TransformerBlock, h, cos, sin):
     q = attn.wq(x).view(B, S, attn.n_heads, attn.head_dim)
     k = attn.wk(x).view(B, S, attn.n_kv_heads, attn.head_dim)
     v = attn.wv(x).view(B, S, attn.n_kv_heads, attn.head_dim)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    return attn.rope_fn(q, cos, sin), attn.rope_fn(k, cos, sin), v
 
 
 def _out_and_mlp(block: TransformerBlock, h, out):
@@ -149,17 +150,22 @@ def apply_fsdp(model: nn.Module, dmesh, *, param_dtype: Optional[torch.dtype] = 
 
 
 def parallelize(model: nn.Module, mesh: Mesh, *, fsdp: str = "dp_cp", ac: str = "none", ffn_chunk: int = 0,
-                param_dtype: Optional[torch.dtype] = None) -> Optional[object]:
-    """BPT MLP -> activation checkpointing -> FSDP2, in that order, in place.
+                param_dtype: Optional[torch.dtype] = None, compile: bool = False,
+                compile_backend: str = "inductor") -> Optional[object]:
+    """BPT MLP -> torch.compile of the element-wise parts -> activation checkpointing -> FSDP2, in place.
 
     Args:
         model: a :class:`~seqpar.models.llama.Llama` (real or meta weights).
-        mesh: the run's mesh. fsdp / ac / ffn_chunk: ``parallel.fsdp``, ``train.ac``, ``train.ffn_chunk``.
+        mesh: the run's mesh. fsdp / ac / ffn_chunk / compile: ``parallel.fsdp``, ``train.ac``,
+            ``train.ffn_chunk``, ``train.compile`` (:func:`seqpar.models.compile.compile_model` with
+            ``compile_backend``).
         param_dtype: FSDP compute dtype (bf16 on GPU); gradients are reduced in fp32 either way.
     Returns:
         The FSDP DeviceMesh, or None when the model is not sharded (1 process, or ``fsdp=none``).
     """
     apply_blockwise_ffn(model, ffn_chunk)
+    if compile:
+        compile_model(model, backend=compile_backend)
     apply_ac(model, ac)
     dmesh = fsdp_mesh(mesh, fsdp)
     if dmesh is not None:

@@ -9,10 +9,10 @@ checked in a second. The world size is the launcher's (``WORLD_SIZE``) when ther
 The memory model counts, per GPU: fp32 parameters, fp32 gradients and AdamW's two fp32 moments,
 each divided by the FSDP shard degree; FSDP's transient all-gathered weights (root unit + two blocks)
 and gradient reduce buffers; activations kept for backward at ``B * seq_len / cp`` tokens, per layer
-according to ``train.ac`` and ``train.ffn_chunk`` (what each autograd node saves in
-``seqpar.models.llama``); the chunked loss; and the transients of backward (one layer recomputed,
-one loss chunk of logits, ring-attention K/V buffers). It ignores allocator fragmentation and kernel
-workspaces, so leave ~10% headroom; ``benchmarks/bench_train.py`` compares it with measured peaks.
+according to ``train.ac``, ``train.ffn_chunk`` and ``train.compile`` (what each autograd node saves
+in ``seqpar.models.llama``, or the compiled graphs of ``seqpar.models.compile``); the chunked loss;
+and the transients of backward (one layer recomputed, one loss chunk of logits, ring-attention K/V
+buffers). It ignores allocator fragmentation and kernel workspaces, so leave ~10% headroom; ``benchmarks/bench_train.py`` compares it with measured peaks.
 """
 from __future__ import annotations
 
@@ -74,10 +74,15 @@ def estimate_memory(cfg: Config, dp: int, cp: int, *, bf16: bool = True) -> dict
         out["fsdp_buffers"] = a * n["total"] if bf16 else 0  # autocast's cached bf16 copies of the weights
 
     # Saved activations per token per layer (bytes), following what each op keeps for backward.
-    norm = (4 + a) * d  # fp32 upcast + normed output
-    rope = 4 * (d + kv) if bf16 else 0  # fp32 copies of q and k inside apply_rope
+    if t.compile:  # seqpar.models.compile: the partitioner keeps inputs, recomputes the element-wise middle
+        norm = 2 * a * d + 4  # input + output (the projections' input) + fp32 rstd
+        rope = 0  # linear in q/k: backward needs only the shared cos/sin
+        mlp = 0 if t.ffn_chunk else 3 * a * h  # w1 x, w3 x and the product (measured: tests/test_compile.py)
+    else:
+        norm = (4 + a) * d  # fp32 upcast + normed output
+        rope = 4 * (d + kv) if bf16 else 0  # fp32 copies of q and k inside apply_rope
+        mlp = 0 if t.ffn_chunk else 4 * a * h  # w1 x, silu(w1 x), w3 x, product
     attn = a * (d + kv) + a * kv + a * d + 4 * heads  # q, k (roped), v, out; fp32 lse
-    mlp = 0 if t.ffn_chunk else 4 * a * h  # w1 x, silu(w1 x), w3 x, product
     layer_none = 2 * norm + rope + attn + mlp
     saved = {"none": layer_none,
              "full": a * d,  # the block input
@@ -135,7 +140,7 @@ def _print(cfg: Config, dp: int, cp: int, est: dict, gpu_gib: float, fits: bool)
     print(f"  model {m.name}: {est['params_total'] / 1e9:.3f}B params | dim {m.dim} layers {m.n_layers} heads "
           f"{m.n_heads}/{m.n_kv_heads} ffn {m.ffn_hidden} vocab {m.vocab_size}")
     print(f"  seq_len {t.seq_len:,} x batch {t.batch_size} per dp rank -> {est['tokens_per_gpu']:,} tokens per GPU | "
-          f"ac {t.ac} | ffn_chunk {t.ffn_chunk} | loss_chunk {t.loss_chunk}")
+          f"ac {t.ac} | ffn_chunk {t.ffn_chunk} | loss_chunk {t.loss_chunk} | compile {t.compile}")
     print("  per-GPU memory estimate (GiB):")
     for key in ("params", "grads", "optimizer", "fsdp_buffers", "activations", "transient", "total"):
         print(f"    {key:<13} {est[key] / GIB:10.2f}")

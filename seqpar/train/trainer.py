@@ -146,7 +146,7 @@ class Trainer:
 
             apply_lora(model, cfg.lora)
         dmesh = parallelize(model, self.mesh, fsdp=cfg.parallel.fsdp, ac=t.ac, ffn_chunk=t.ffn_chunk,
-                            param_dtype=self.autocast)
+                            param_dtype=self.autocast, compile=t.compile)
         if on_meta:
             model.to_empty(device=self.device)
             torch.manual_seed(t.seed)
@@ -327,7 +327,7 @@ class Trainer:
         print(f"seqpar | {self.mesh.describe()} | model {cfg.model.name}: {n / 1e6:.2f}M params | "
               f"seq_len {cfg.train.seq_len} | batch {cfg.train.batch_size}x{cfg.train.grad_accum}x{self.mesh.dp} | "
               f"attention {cfg.parallel.attention_backend} layout {cfg.parallel.layout} | {fsdp} | "
-              f"ac {cfg.train.ac} ffn_chunk {cfg.train.ffn_chunk} | run_dir {cfg.logging.run_dir}", flush=True)
+              f"ac {cfg.train.ac} ffn_chunk {cfg.train.ffn_chunk} compile {cfg.train.compile} | run_dir {cfg.logging.run_dir}", flush=True)
         if self.step >= cfg.train.steps:
             print(f"already trained to step {self.step} >= train.steps={cfg.train.steps}; nothing to do "
                   "(raise train.steps, or use another logging.run_dir).", flush=True)
