@@ -421,6 +421,8 @@ def main():
             if rank == 0:
                 print(json.dumps(row), flush=True)
             torch.cuda.empty_cache()
+        if rank == 0:  # rewritten after every length: a run cut short by a time limit keeps what it measured
+            write_results(args.out, meta, checks, rows, args.tag)
 
     if rank == 0:
         print(write_results(args.out, meta, checks, rows, args.tag), flush=True)

@@ -10,22 +10,38 @@ Three launches, FlashAttention-2's split:
    adds dQ with fp32 atomics, which saves the recomputation of the separate dQ kernel.
 3. ``_attn_bwd_dq``: one program per (query block, batch, head) walking key blocks, like the forward.
 
+Q/dO tile loads of the dK/dV kernel come in two compile-time variants (``USE_TMA``): per-thread
+pointers (masked on ragged rows), or TMA through device-side tensor descriptors over ``[B, H, Sq, D]``
+(block ``[1, 1, BLOCK_M, D]``; rows >= Sq are zero-filled by the hardware). Selection, per launch:
+
+* ``SEQPAR_TRITON_TMA`` unset: on sm90+ GPUs both variants are autotune candidates (pointers for every
+  listed tile, TMA for the tiles in ``DKDV_TMA_CONFIGS``) and the faster is kept; problems below the
+  tuning size take the pointer default. Pointers only elsewhere (pre-Hopper, the CPU interpreter).
+* ``SEQPAR_TRITON_TMA=0``: pointers only. ``SEQPAR_TRITON_TMA=1``: TMA only, where legal (sm90+ or the
+  interpreter; q and dout with 16-byte aligned base and strides and a unit last stride), else pointers.
+
+The variable is read at every launch (the mode is part of the autotune key), so one process can time
+both. TMA descriptors need triton's global-scratch allocator; the launcher installs a torch-backed one
+in the launching thread if none is set (``ensure_allocator``). Nothing touches a device at import.
+
 Probabilities are recomputed as ``exp2(s * scale * log2e - lse * log2e)``: with the final lse of each
 row they are exact, so per-ring-step gradients sum to the gradient of the merged attention. Gradients
 can be added in-kernel into fp32 buffers (``ACCUMULATE``) so a ring needs no extra passes.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from seqpar.ops.attention_triton_fwd import (INTERPRET, _cfg, _all, check_triton_inputs, doc_ids_arg, dot_precision,
-                                             interpreter_compat, key_block_ranges, last_dim_contiguous, prune_by_head_dim,
-                                             tune_size, visible_mask)
+from seqpar.ops.attention_triton_fwd import (FP32_CONFIG, INTERPRET, _cfg, _all, check_triton_inputs, doc_ids_arg,
+                                             dot_precision, interpreter_compat, key_block_ranges, last_dim_contiguous,
+                                             prune_by_head_dim, tune_size, visible_mask)
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -49,6 +65,82 @@ DQ_CONFIGS = {
 }
 INTERPRET_DKDV_CONFIG = _cfg(16, 32, 4, 1)  # BLOCK_M != BLOCK_N on purpose: exercises unaligned diagonals
 INTERPRET_DQ_CONFIG = _cfg(32, 16, 4, 1)
+
+# dK/dV configs that also get a TMA-load candidate (USE_TMA=True) when both are autotuned (sm90+): the
+# ones ptxas shows gaining registers (NOTES-attention.md, v2); the list stays short for compile time.
+DKDV_TMA_CONFIGS = {
+    64: [_cfg(64, 128, 8, 3), _cfg(64, 128, 8, 2)],
+    128: [_cfg(32, 128, 8, 3), _cfg(64, 128, 8, 3)],
+}
+TMA_ENV = "SEQPAR_TRITON_TMA"  # "0": pointer loads only; "1": TMA loads wherever legal; unset: autotune both on sm90+
+
+
+def _with_tma(cfg, on: bool):
+    return triton.Config({**cfg.kwargs, "USE_TMA": on}, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _both(configs):
+    return [_with_tma(c, on) for c in configs for on in (False, True)]
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple:
+    return torch.cuda.get_device_capability(index)
+
+
+def tma_mode(*tensors: torch.Tensor) -> int:
+    """How the dK/dV kernel loads its Q/dO tiles: 0 pointers, 1 autotune pointers and TMA, 2 TMA only.
+
+    TMA needs 16-byte aligned bases and strides, a unit last stride and sm90+ (or the interpreter,
+    which emulates descriptors). Auto (``SEQPAR_TRITON_TMA`` unset) tunes both on sm90+ GPUs and uses
+    pointers elsewhere, the interpreter included; "1" forces TMA where legal, "0" forces pointers.
+    Read at every launch (cheap), so one process can compare both; never probes a device at import.
+    """
+    env = os.environ.get(TMA_ENV, "").strip()
+    if env == "0":
+        return 0
+    t0 = tensors[0]
+    for t in tensors:
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:-1]) \
+                or max(t.shape) >= 2 ** 31:
+            return 0
+    if INTERPRET and t0.device.type == "cpu":
+        return 2 if env == "1" else 0
+    if not t0.is_cuda or _capability(t0.device.index if t0.device.index is not None else torch.cuda.current_device())[0] < 9:
+        return 0
+    return 2 if env == "1" else 1
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_allocator() -> None:
+    """Device-side tensor descriptors need global scratch from triton's allocator (a per-thread context
+    variable: autograd's backward thread has its own). Install a torch one unless one is set."""
+    try:
+        from triton.runtime import _allocation
+        current = _allocation._allocator.get()
+        if not isinstance(current, _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):  # private API moved: set ours (harmless, torch-backed)
+        pass
+    triton.set_allocator(_torch_scratch)
+
+
+def prune_dkdv(configs, named_args, **kwargs):
+    """early_config_prune of the dK/dV kernel: prune_by_head_dim's tiles, in the load variants of tma_mode."""
+    args = {**named_args, **kwargs}
+    mode, d, tuned = args["tma_mode"], args["HEAD_DIM"], args["tune_size"]
+    if args["Q"].dtype == torch.float32:
+        listed = [FP32_CONFIG]  # fp32 is for tests: one tile, TMA only when forced
+        tma_listed = listed if mode == 2 else []
+    else:
+        listed = DKDV_CONFIGS[d] if tuned else DKDV_CONFIGS[d][:1]
+        tma_listed = listed if mode == 2 else [c for c in DKDV_TMA_CONFIGS.get(d, []) if tuned]
+    wanted = [] if mode == 2 else [str(_with_tma(c, False)) for c in listed]
+    wanted += [str(_with_tma(c, True)) for c in tma_listed] if mode else []
+    return [c for c in configs if str(c) in wanted]
 
 
 @triton.jit
@@ -100,11 +192,14 @@ def query_block_ranges(start_n, Sq, Sk, q_offset, k_offset, window_left,
 
 
 @triton.jit
-def _dkdv_stage(dk, dv, k, v, k_pos, k_doc, k_ok, Q_b, DO_b, DQ_b, Lse_b, Delta_b, QDoc_b, h0, G,
+def _dkdv_stage(dk, dv, k, v, k_pos, k_doc, k_ok, Q_b, DO_b, DQ_b, Lse_b, Delta_b, QDoc_b, h0, G, b32,
                 stride_qs, stride_qh, stride_dos, stride_doh, stride_dqs, stride_dqh,
                 lo, hi, Sq, q_offset, window_left, qk_scale, sm_scale,
                 BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_POS: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, DQ_ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr):
+                HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, DQ_ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr,
+                USE_TMA: tl.constexpr):
+    # USE_TMA: Q_b / DO_b are tensor descriptors over [B, H, Sq, D] (block [1, 1, BLOCK_M, D]); TMA
+    # zero-fills rows >= Sq, so the loads need neither per-thread addresses nor masks.
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     n_blocks = tl.cdiv(hi - lo, BLOCK_M)
@@ -116,16 +211,19 @@ def _dkdv_stage(dk, dv, k, v, k_pos, k_doc, k_ok, Q_b, DO_b, DQ_b, Lse_b, Delta_
         h = h0 + g
         rows = start_m + offs_m
         row_ok = rows < Sq
-        qT_ptrs = Q_b + h * stride_qh + start_m.to(tl.int64) * stride_qs + offs_m[None, :] * stride_qs \
-            + offs_d[:, None]
-        do_ptrs = DO_b + h * stride_doh + start_m.to(tl.int64) * stride_dos + offs_m[:, None] * stride_dos \
-            + offs_d[None, :]
         stat = h * Sq + rows  # Lse/Delta are [B, H, Sq] contiguous
+        if USE_TMA:
+            qT = tl.trans(Q_b.load([b32, h.to(tl.int32), start_m, 0]).reshape(BLOCK_M, HEAD_DIM))  # [D, BLOCK_M]
+        else:
+            qT_ptrs = Q_b + h * stride_qh + start_m.to(tl.int64) * stride_qs + offs_m[None, :] * stride_qs \
+                + offs_d[:, None]
+            if MASK_POS:
+                qT = tl.load(qT_ptrs, mask=row_ok[None, :], other=0.0)  # [D, BLOCK_M]
+            else:
+                qT = tl.load(qT_ptrs)
         if MASK_POS:
-            qT = tl.load(qT_ptrs, mask=row_ok[None, :], other=0.0)  # [D, BLOCK_M]
             lse = tl.load(Lse_b + stat, mask=row_ok, other=float("inf"))  # p = 0 for padding rows
         else:
-            qT = tl.load(qT_ptrs)
             lse = tl.load(Lse_b + stat)
         # A row that saw no key (lse = -inf) has p = 0 everywhere: exp2(s - inf), not exp2(s + inf).
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
@@ -138,11 +236,18 @@ def _dkdv_stage(dk, dv, k, v, k_pos, k_doc, k_ok, Q_b, DO_b, DQ_b, Lse_b, Delta_
             visible = visible_mask((q_offset + rows)[None, :], k_pos, k_ok & row_ok[None, :], q_doc, k_doc,
                                    window_left, MASK_POS, CAUSAL, HAS_WINDOW, HAS_DOCS)
             pT = tl.where(visible, pT, 0.0)
+        if USE_TMA:
+            do = DO_b.load([b32, h.to(tl.int32), start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+        else:
+            do_ptrs = DO_b + h * stride_doh + start_m.to(tl.int64) * stride_dos + offs_m[:, None] * stride_dos \
+                + offs_d[None, :]
+            if MASK_POS:
+                do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+            else:
+                do = tl.load(do_ptrs)
         if MASK_POS:
-            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
             delta = tl.load(Delta_b + stat, mask=row_ok, other=0.0)
         else:
-            do = tl.load(do_ptrs)
             delta = tl.load(Delta_b + stat)
         dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_M]
@@ -156,21 +261,27 @@ def _dkdv_stage(dk, dv, k, v, k_pos, k_doc, k_ok, Q_b, DO_b, DQ_b, Lse_b, Delta_
     return dk, dv
 
 
-@triton.autotune(configs=INTERPRET and [INTERPRET_DKDV_CONFIG] or _all(DKDV_CONFIGS),
-                 key=["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_DOCS", "ACCUMULATE", "DQ_ATOMIC", "tune_size"],
-                 prune_configs_by={"early_config_prune": prune_by_head_dim(DKDV_CONFIGS)},
+# The interpreter has one config (the autotuner would time two), so there the launcher passes USE_TMA.
+@triton.autotune(configs=INTERPRET and [INTERPRET_DKDV_CONFIG] or _both(_all(DKDV_CONFIGS)),
+                 key=["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_DOCS", "ACCUMULATE", "DQ_ATOMIC", "tune_size",
+                      "tma_mode"],
+                 prune_configs_by={"early_config_prune": prune_dkdv},
                  restore_value=["DK", "DV", "DQ"], cache_results=True)
-@triton.jit(do_not_specialize=["q_offset", "k_offset", "window_left", "tune_size"])
+@triton.jit(do_not_specialize=["q_offset", "k_offset", "window_left", "tune_size", "tma_mode"])
 def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, DQ, QDoc, KDoc,
                    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
                    stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
                    stride_dqb, stride_dqs, stride_dqh, stride_qdb, stride_kdb,
-                   H, G, Sq, Sk, q_offset, k_offset, window_left, qk_scale, sm_scale, tune_size,
+                   H, G, Sq, Sk, q_offset, k_offset, window_left, qk_scale, sm_scale, tune_size, tma_mode,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
                    ACCUMULATE: tl.constexpr, DQ_ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Grid ``(cdiv(Sk, BLOCK_N), B * H // G)``. dK/dV ``[B, Sk, H // G, D]``; dQ (atomic mode) fp32 ``[B, Sq, H, D]``."""
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr = False):
+    """Grid ``(cdiv(Sk, BLOCK_N), B * H // G)``. dK/dV ``[B, Sk, H // G, D]``; dQ (atomic mode) fp32 ``[B, Sq, H, D]``.
+
+    ``tma_mode`` only selects autotune candidates (see :func:`tma_mode`); USE_TMA defaults to pointer
+    loads so a config pinned without it (e.g. a benchmark's precompile) still compiles.
+    """
     pid_n = tl.program_id(0)
     pid_bkv = tl.program_id(1)
     hkv = H // G
@@ -195,23 +306,32 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, DQ, QDoc, KDoc,
                                                   BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    Q_b = Q + b * stride_qb
-    DO_b = DO + b * stride_dob
+    if USE_TMA:  # device-side descriptors (global scratch from triton's allocator); b, h index them
+        n_batch = tl.num_programs(1) // hkv
+        Q_b = tl.make_tensor_descriptor(Q, shape=[n_batch, H, Sq, HEAD_DIM], strides=[stride_qb, stride_qh, stride_qs, 1],
+                                        block_shape=[1, 1, BLOCK_M, HEAD_DIM])
+        DO_b = tl.make_tensor_descriptor(DO, shape=[n_batch, H, Sq, HEAD_DIM],
+                                         strides=[stride_dob, stride_doh, stride_dos, 1],
+                                         block_shape=[1, 1, BLOCK_M, HEAD_DIM])
+    else:
+        Q_b = Q + b * stride_qb
+        DO_b = DO + b * stride_dob
     DQ_b = DQ + b * stride_dqb
     Lse_b = Lse + b * H * Sq
     Delta_b = Delta + b * H * Sq
+    b32 = (pid_bkv // hkv).to(tl.int32)
     h0 = kvh * G  # this kv head serves query heads [h0, h0 + G): their dK/dV sum in registers
     strides = (stride_qs, stride_qh, stride_dos, stride_doh, stride_dqs, stride_dqh)
     if CAUSAL:  # the diagonal rows
-        dk, dv = _dkdv_stage(dk, dv, k, v, k_pos, k_doc, k_ok, Q_b, DO_b, DQ_b, Lse_b, Delta_b, QDoc_b, h0, G,
+        dk, dv = _dkdv_stage(dk, dv, k, v, k_pos, k_doc, k_ok, Q_b, DO_b, DQ_b, Lse_b, Delta_b, QDoc_b, h0, G, b32,
                              *strides, lo, full_lo, Sq, q_offset, window_left, qk_scale, sm_scale,
-                             BLOCK_M, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_DOCS, DQ_ATOMIC, DOT_PREC)
-    dk, dv = _dkdv_stage(dk, dv, k, v, k_pos, k_doc, k_ok, Q_b, DO_b, DQ_b, Lse_b, Delta_b, QDoc_b, h0, G,
+                             BLOCK_M, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_DOCS, DQ_ATOMIC, DOT_PREC, USE_TMA)
+    dk, dv = _dkdv_stage(dk, dv, k, v, k_pos, k_doc, k_ok, Q_b, DO_b, DQ_b, Lse_b, Delta_b, QDoc_b, h0, G, b32,
                          *strides, full_lo, full_hi, Sq, q_offset, window_left, qk_scale, sm_scale,
-                         BLOCK_M, HEAD_DIM, False, CAUSAL, HAS_WINDOW, HAS_DOCS, DQ_ATOMIC, DOT_PREC)
-    dk, dv = _dkdv_stage(dk, dv, k, v, k_pos, k_doc, k_ok, Q_b, DO_b, DQ_b, Lse_b, Delta_b, QDoc_b, h0, G,
+                         BLOCK_M, HEAD_DIM, False, CAUSAL, HAS_WINDOW, HAS_DOCS, DQ_ATOMIC, DOT_PREC, USE_TMA)
+    dk, dv = _dkdv_stage(dk, dv, k, v, k_pos, k_doc, k_ok, Q_b, DO_b, DQ_b, Lse_b, Delta_b, QDoc_b, h0, G, b32,
                          *strides, full_hi, hi, Sq, q_offset, window_left, qk_scale, sm_scale,
-                         BLOCK_M, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_DOCS, DQ_ATOMIC, DOT_PREC)
+                         BLOCK_M, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_DOCS, DQ_ATOMIC, DOT_PREC, USE_TMA)
     dk = dk * sm_scale
     dk_ptrs = DK + b * stride_dkb + kvh * stride_dkh + start_n.to(tl.int64) * stride_dks \
         + offs_n[:, None] * stride_dks + offs_d[None, :]
@@ -383,13 +503,17 @@ def attention_bwd_launch(dout, q, k, v, out, lse, *, causal: bool, softmax_scale
         return dq, dk, dv
     qd, kd = doc_ids_arg(q_doc_ids, q), doc_ids_arg(k_doc_ids, q)
     doc_strides = (qd.stride(0) if q_doc_ids is not None else 0, kd.stride(0) if k_doc_ids is not None else 0)
+    mode = tma_mode(q, dout)
+    if mode and not INTERPRET:
+        ensure_allocator()
+    tma_flag = dict(USE_TMA=mode == 2) if INTERPRET else {}
     _attn_bwd_dkdv[lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), b * hkv)](
         q, k, v, dout, lse, delta, dk, dv, dq, qd, kd,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), *doc_strides,
-        **heads, **flags, ACCUMULATE=acc_kv, DQ_ATOMIC=dq_mode == "atomic")
+        **heads, **flags, **tma_flag, tma_mode=mode, ACCUMULATE=acc_kv, DQ_ATOMIC=dq_mode == "atomic")
     if dq_mode == "kernel":
         _attn_bwd_dq[lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * h)](
             q, k, v, dout, lse, delta, dq, qd, kd,
