@@ -12,7 +12,7 @@ from seqpar.parallel.mesh import init_mesh
 from seqpar.train import Trainer, lr_multiplier, run
 from seqpar.train.checkpoint import CheckpointError, complete_checkpoints
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _cfg(run_dir, steps=12, every=0, **train):

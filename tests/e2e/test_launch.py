@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = ["slurm/seqpar.sbatch", "slurm/rendezvous.sh", "launch/torchrun.sh", "launch/setup.sh"]
 TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=4", "train.seq_len=32", "train.batch_size=2",
         "train.device=cpu", "train.eval_every=0", "data.max_bytes=200000", "logging.progress=false"]

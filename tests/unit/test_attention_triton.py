@@ -17,7 +17,8 @@ import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+TESTS = os.path.dirname(HERE)
+ROOT = os.path.dirname(TESTS)
 
 # Tolerances, by input dtype, on O(1) random data (D <= 128, rows <= 100 keys):
 # fp32: the kernels compute in fp32 (exact dots in the interpreter); measured errors ~1e-6, 5e-5 leaves room.
@@ -231,7 +232,7 @@ def _check_tma_mode():
 
 def _child_main(group: str) -> None:
     """Entry in the interpreter subprocess: run one group, print {case: [errors]} as the last line."""
-    sys.path[:0] = [ROOT, HERE]
+    sys.path[:0] = [ROOT, TESTS]
     results = {}
     made = _count_descriptors() if group == "tma" else None
     if group == "tma":
@@ -257,7 +258,7 @@ def _child_main(group: str) -> None:
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("group", [*GROUPS, "ring"])
 def test_interpreter(group):
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, TESTS, os.environ.get("PYTHONPATH", "")]))
     env.pop(TMA_ENV, None)  # the interpreter's default (pointer loads) unless the group forces TMA
     if group == "tma":
         env[TMA_ENV] = "1"

@@ -17,8 +17,8 @@ from seqpar.config import (CheckpointConfig, Config, DataConfig, LoggingConfig, 
                            ParallelConfig, TrainConfig)
 from seqpar.train.checkpoint import CheckpointError, complete_checkpoints
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cfg(run_dir, steps=6, every=2, cp=1, async_save=False, **train):
