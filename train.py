@@ -7,9 +7,11 @@
     python train.py --dry-run model=llama3-8b parallel.dp=1 parallel.cp=8 train.seq_len=1048576
                                                       # validate, print mesh + per-GPU memory, allocate nothing
 
-Hydra composes ``conf/`` with the overrides against the typed schema in ``seqpar/config.py``
-(``seqpar/cli.py``); the library receives plain dataclasses. User mistakes end with one ``error:``
-line and exit code 2 (SEQPAR_DEBUG=1 shows the traceback).
+Hydra composes ``conf/`` with the overrides against the typed schema of ``seqpar/config.py``
+(``seqpar/cli.py``); ``seqpar.train.resolve`` then fills in what needs files (an HF checkpoint's shape,
+the tokenizer's vocabulary) once, and the library receives that frozen, resolved config. ``--cfg``
+prints the composed config as written. User mistakes end with one ``error:`` line and exit code 2
+(SEQPAR_DEBUG=1 shows the traceback).
 """
 import os
 import sys
@@ -17,7 +19,7 @@ import sys
 
 def main(argv: list) -> int:
     from seqpar.cli import config_yaml, load_config
-    from seqpar.config import ConfigError
+    from seqpar.errors import ConfigError
     from seqpar.train.checkpoint import CheckpointError
 
     show = "--cfg" in argv
@@ -30,8 +32,9 @@ def main(argv: list) -> int:
             print(config_yaml(cfg), end="")
             return 0
         from seqpar.train import run
+        from seqpar.train.resolve import resolve_config
 
-        run(cfg)
+        run(resolve_config(cfg))
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         if os.environ.get("SEQPAR_DEBUG") == "1":
             raise

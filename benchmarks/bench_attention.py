@@ -65,9 +65,11 @@ def make_call(impl, q, k, v, causal):
     """A no-argument function running one attention forward on [B, S, H, D] inputs; returns out."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     if impl in ("triton", "triton_atomic"):
-        from seqpar.ops import attention_triton
+        from seqpar.ops.attention.mask import LocalMask
+        from seqpar.ops.attention.triton import function as attention_triton
         mode = "atomic" if impl == "triton_atomic" else "kernel"
-        return lambda: attention_triton.attention(q, k, v, causal=causal, dq_mode=mode)[0]
+        mask = LocalMask(causal=causal)
+        return lambda: attention_triton.attention(q, k, v, mask, dq_mode=mode)[0]
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D] views, same memory
     if impl in ("sdpa_flash", "sdpa_cudnn"):
         backend = SDPBackend.FLASH_ATTENTION if impl == "sdpa_flash" else SDPBackend.CUDNN_ATTENTION
@@ -179,7 +181,7 @@ _LAST_TUNING = {}
 
 def tuning_timings():
     """Per-candidate median ms of autotune runs that finished since the last call (for the notes)."""
-    from seqpar.ops import attention_triton_bwd as B, attention_triton_fwd as F
+    from seqpar.ops.attention.triton import bwd as B, fwd as F
     out = {}
     for name, kern in (("fwd", F._attn_fwd), ("dkdv", B._attn_bwd_dkdv), ("dq", B._attn_bwd_dq)):
         timings = getattr(kern, "configs_timings", None)
@@ -191,7 +193,7 @@ def tuning_timings():
 
 def autotuned_configs():
     """The configs each autotuned kernel picked, per key (they go into the JSON)."""
-    from seqpar.ops import attention_triton_bwd as B, attention_triton_fwd as F
+    from seqpar.ops.attention.triton import bwd as B, fwd as F
     out = {}
     for name, kern in (("fwd", F._attn_fwd), ("dkdv", B._attn_bwd_dkdv), ("dq", B._attn_bwd_dq)):
         out[name] = {str(k): str(c) for k, c in kern.cache.items()}
@@ -207,7 +209,7 @@ def _warm(task):
     os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     try:
         if impl.startswith("triton"):
-            from seqpar.ops import attention_triton_bwd as B, attention_triton_fwd as F
+            from seqpar.ops.attention.triton import bwd as B, fwd as F
             # Pin each autotuner to its idx-th candidate: compiling it fills the shared on-disk cache.
             # Block sizes, not shapes, select the binary, so a small problem compiles the same kernels.
             for kern, table in ((F._attn_fwd, F.FWD_CONFIGS), (B._attn_bwd_dkdv, B.DKDV_CONFIGS),
@@ -223,7 +225,7 @@ def _warm(task):
 
 
 def precompile(args, workers):
-    from seqpar.ops import attention_triton_bwd as B, attention_triton_fwd as F
+    from seqpar.ops.attention.triton import bwd as B, fwd as F
     tasks = []
     for d, causal, s, b, mode in cases(args):
         for impl in args.impls:

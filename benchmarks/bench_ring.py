@@ -24,7 +24,7 @@ Run (any number of GPUs; world sizes 1, 2, 4, ... up to all launched ranks, or `
    memory is recorded as ``OOM`` and the run goes on. Warm-up/iterations: 3/10 up to 32k tokens,
    2/5 up to 128k, 1/2 beyond (a 512k step takes seconds; run-to-run spread there is < 1%).
    ``--full-upto N --long-kernels cudnn`` times only that kernel family beyond N tokens (device time).
-3. Derived columns (:func:`derive`): scaling efficiency = per-GPU TFLOP/s / the single-GPU TFLOP/s of
+3. Derived columns (``ring_report.derive``): scaling efficiency = per-GPU TFLOP/s / the single-GPU TFLOP/s of
    the same local kernel at the same total tokens in the same run (ring -> ring ws=1, torch_cp -> sdpa);
    exposed-communication share = (t_ring - t_ring-nocomm) / t_ring.
 Writes ``ring_<device>_x<N>_<date>.json``, ``.md``, ``_tflops.png`` (TFLOP/s per GPU vs total tokens)
@@ -46,11 +46,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/report.py
-from seqpar.ops.attention import kernel_pair, resolve_backend  # noqa: E402
+from seqpar.ops.attention import LocalMask, resolve_backend, select  # noqa: E402
 from seqpar.parallel import (plan_step, ring_attention, ring_attention_with_lse, shard_sequence,  # noqa: E402
                              unshard_sequence)
-
-LAYOUTS = ("zigzag", "striped", "contiguous")
+from seqpar.parallel.layout import LAYOUTS  # noqa: E402
+from ring_report import derive, merge, write_results  # noqa: E402,F401  (derive: re-exported for tests)
 
 
 def available_backends(device) -> list[str]:
@@ -203,18 +203,19 @@ def bench_one(method, kernel, ws, seq, device, group, warmup, iters, layout="zig
     elif method == "kernels-only":  # just the kernel calls of the ring's plan, no merge/accumulation
         local = seq // ws
         q, k, v, dout = mk(b, local, h, d), mk(b, local, h, d), mk(b, local, h, d), mk(b, local, h, d)
-        fwd, bwd = kernel_pair(kernel, q, k, causal=True)
-        out, lse = fwd(q, k, v, causal=True)
+        record = select(kernel, q, k, LocalMask(causal=True))
+        fwd, bwd, masks = record.forward, record.backward, {c: LocalMask(causal=c) for c in (False, True)}
+        out, lse = fwd(q, k, v, masks[True])
         rank = dist.get_rank(group) if ws > 1 else 0
 
         def run():
             for step in range(ws):
                 for c in plan_step(layout, True, rank, (rank - step) % ws, ws, local):
-                    fwd(q[:, c.q_start:c.q_end], k[:, c.k_start:c.k_end], v[:, c.k_start:c.k_end], causal=c.causal)
+                    fwd(q[:, c.q_start:c.q_end], k[:, c.k_start:c.k_end], v[:, c.k_start:c.k_end], masks[c.causal])
             for step in range(ws):
                 for c in plan_step(layout, True, rank, (rank - step) % ws, ws, local):
                     qs, ks = slice(c.q_start, c.q_end), slice(c.k_start, c.k_end)
-                    bwd(dout[:, qs], q[:, qs], k[:, ks], v[:, ks], out[:, qs], lse[:, :, qs], causal=c.causal)
+                    bwd(dout[:, qs], q[:, qs], k[:, ks], v[:, ks], out[:, qs], lse[:, :, qs], masks[c.causal])
         ms = time_fwd_bwd(run, (), None, warmup, iters)
     else:  # torch_cp
         from torch.distributed.tensor.experimental import context_parallel
@@ -243,85 +244,6 @@ def _status(exc) -> str:
     if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
         return "OOM"
     return f"{type(exc).__name__}: {exc}"[:300]
-
-
-def _baseline_key(r: dict):
-    """The single-GPU row a row's scaling efficiency divides by: the same local kernel, ws=1, same total
-    tokens (ring variants -> ring on a ring of one; torch_cp -> SDPA of the same kind)."""
-    if r["method"] == "torch_cp":
-        return ("sdpa", r["kernel"].split("+")[0], 1, r["seq"])
-    if r["method"] == "sdpa":
-        return ("sdpa", r["kernel"], 1, r["seq"])
-    return ("ring", r["kernel"], 1, r["seq"])
-
-
-def derive(rows: list) -> list:
-    """Add ``efficiency`` (per-GPU TFLOP/s / the single-GPU TFLOP/s of the same local kernel, same
-    total tokens, same run) and, on ring rows with ws > 1, ``comm_share`` (exposed communication:
-    (t_ring - t_ring-nocomm) / t_ring, same kernel, layout, ws and tokens). Missing or failed
-    partners give None. Returns the rows (changed in place)."""
-    ok = lambda r: r is not None and r.get("error") is None and r["tflops_per_gpu"] == r["tflops_per_gpu"]
-    single = {(r["method"], r["kernel"], r["world_size"], r["seq"]): r for r in rows
-              if r["world_size"] == 1 and r["method"] in ("sdpa", "ring") and r["layout"] in ("zigzag", "-")}
-    nocomm = {(r["kernel"], r["layout"], r["world_size"], r["seq"]): r for r in rows if r["method"] == "ring-nocomm"}
-    for r in rows:
-        base = single.get(_baseline_key(r))
-        r["efficiency"] = r["tflops_per_gpu"] / base["tflops_per_gpu"] if ok(r) and ok(base) else None
-        nc = nocomm.get((r["kernel"], r["layout"], r["world_size"], r["seq"])) if r["method"] == "ring" else None
-        r["comm_share"] = max(0.0, (r["ms"] - nc["ms"]) / r["ms"]) if r["world_size"] > 1 and ok(r) and ok(nc) else None
-    return rows
-
-
-def merge(paths: list, out: str, tag: str = "") -> None:
-    """Rebuild one report (JSON, markdown, plots) from several runs' JSON files: rows concatenated in
-    order (a later file's row replaces an earlier one of the same method/kernel/layout/GPUs/tokens),
-    metadata and checks from the first file that has them."""
-    rows, meta, checks = {}, None, []
-    for path in paths:
-        with open(path) as f:
-            data = json.load(f)
-        meta = meta or data["meta"]
-        checks = checks or data.get("checks", [])
-        for r in data["timings"]:
-            rows[(r["method"], r["kernel"], r["layout"], r["world_size"], r["seq"])] = r
-    print(write_results(out, meta, checks, list(rows.values()), tag), flush=True)
-
-
-def write_results(out: str, meta: dict, checks: list, rows: list, tag: str = "") -> str:
-    """JSON + markdown + two PNG plots (TFLOP/s per GPU vs total tokens; efficiency vs world size)
-    under ``out``; returns the markdown (its table is what main prints last)."""
-    import report
-
-    derive(rows)
-    name = f"ring_{meta['device'].replace(' ', '-')}_x{meta['gpus']}_{meta['date'][:10]}" + (f"_{tag}" if tag else "")
-    label = lambda r: f"{r['method']} {r['kernel']} {r['layout']} ws={r['world_size']}"
-    p1 = report.line_plot(os.path.join(out, name + "_tflops.png"),
-                          report.group_series(rows, label, "seq", "tflops_per_gpu"), xlabel="total tokens",
-                          ylabel="TFLOP/s per GPU", title=f"causal fwd+bwd, {meta['device']}", logx=True)
-    scaled = [r for r in rows if r["method"] in ("ring", "torch_cp") and r["layout"] in ("zigzag", "head-tail")]
-    p2 = report.line_plot(os.path.join(out, name + "_efficiency.png"),
-                          report.group_series(scaled, lambda r: f"{r['method']} {r['kernel']} {r['seq'] // 1024}k",
-                                              "world_size", "efficiency"),
-                          xlabel="GPUs", ylabel="per-GPU TFLOP/s / single-GPU", title="scaling efficiency",
-                          hline=0.95)
-    pct = lambda key: (lambda r: None if r.get(key) is None else f"{100 * r[key]:.0f}%")
-    cols = [("method", "method", ""), ("kernel", "kernel", ""), ("layout", "layout", ""), ("GPUs", "world_size", "d"),
-            ("total tokens", lambda r: f"{r['seq'] // 1024}k", ""),
-            ("ms", lambda r: r["error"] if r["error"] == "OOM" else r["ms"], ".1f"),
-            ("TFLOP/s per GPU", "tflops_per_gpu", ".0f"), ("efficiency", pct("efficiency"), ""),
-            ("exposed comm", pct("comm_share"), ""), ("peak GiB", "peak_gib", ".1f"),
-            ("error", lambda r: r["error"] if r["error"] not in (None, "OOM") else "", "")]
-    lines = ["# Ring attention fwd+bwd causal, bf16, B=1 H=32 D=128", "", report.meta_line(meta), "",
-             "efficiency: per-GPU TFLOP/s / single-GPU TFLOP/s of the same local kernel at the same total tokens "
-             "(ring -> ring ws=1, torch_cp -> sdpa). exposed comm: (t_ring - t_ring-nocomm) / t_ring.", "",
-             report.markdown_table(rows, cols)]
-    if checks:
-        lines += ["", f"bf16 checks over {meta['gpus']} ranks: {sum(c['ok'] for c in checks)}/{len(checks)} ok "
-                  f"(ring rel err <= 2x torch SDPA bf16 rel err, floor 1e-3; lse abs err <= 2e-2)"]
-    lines += [f"\n![{os.path.basename(p)}]({os.path.basename(p)})" for p in (p1, p2) if p]
-    md = "\n".join(lines) + "\n"
-    report.write_outputs(out, name, meta, {"checks": checks, "timings": rows}, md)
-    return md
 
 
 def main():

@@ -1,20 +1,32 @@
-"""Typed configuration for seqpar.
+"""Typed configuration for seqpar: immutable values, validated once, derived values as properties.
 
-Library code takes these plain dataclasses; Hydra stays at the edge (``train.py``), where the YAML
-groups under ``conf/`` (mirroring these classes) are merged with command-line overrides, checked
-against the schemas registered in :func:`register_configs`, and turned back into dataclasses, so
-every ``__post_init__`` validation below runs on the final values.
+Library code takes these frozen dataclasses. The command-line edge (``seqpar/cli.py``) composes the
+YAML groups under ``conf/`` (mirroring these classes) with ``key=value`` overrides and builds them, so
+every ``__post_init__`` check below runs on the final values. Nothing here writes to a field: a field
+holds what the user wrote (``n_kv_heads=None`` stays ``None``) and a property gives the effective value
+(``ModelConfig.kv_heads``, ``ModelConfig.ffn_dim``, ``Config.tokenizer_dir``), so a config printed or
+saved is the one the user gave, and no later stage can see half-derived state. Values that need files
+(an HF checkpoint's shape, the tokenizer's vocabulary) are filled in once, before training, by
+``seqpar.train.resolve.resolve_config``, which returns a new Config.
 
-Every check raises :class:`ConfigError` with one sentence that names the field and the fix.
+Choice lists come from the modules that implement the choices (one source of truth), and every check
+raises :class:`~seqpar.errors.ConfigError` with one sentence that names the field and the fix.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from seqpar.errors import ConfigError
+from seqpar.models.checkpointing import AC_MODES
+from seqpar.ops.attention.registry import BACKEND_NAMES
+from seqpar.ops.rope import validate_scaling
+from seqpar.parallel.fsdp import FSDP_MODES
+from seqpar.parallel.layout import LAYOUTS, required_multiple
 
-class ConfigError(ValueError):
-    """A user-fixable configuration mistake; the message names the field and the fix."""
+# ConfigError is re-exported: tests and users import it from here.
+__all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "LoRAConfig", "LoggingConfig", "ModelConfig",
+           "OptimConfig", "ParallelConfig", "TrainConfig"]
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -30,26 +42,29 @@ def _check_positive(name: str, value: Any) -> None:
     _check(value > 0, f"{name}={value} must be > 0.")
 
 
-ATTENTION_BACKENDS = ("auto", "torch", "triton", "sdpa_flash", "sdpa_cudnn")
-LAYOUTS = ("zigzag", "striped", "contiguous")
+DIST_BACKENDS = ("auto", "nccl", "gloo")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
-    """Llama-style decoder shape. ``vocab_size=None`` takes the tokenizer's size (rounded up to 64)."""
+    """Llama-style decoder shape. ``vocab_size=None`` takes the tokenizer's size (rounded up to 64).
+
+    ``n_kv_heads`` and ``ffn_hidden`` are what the user wrote (None: derived); read the effective
+    values through :attr:`kv_heads` and :attr:`ffn_dim`.
+    """
 
     name: str = "tiny"
     vocab_size: Optional[int] = None
     dim: int = 128
     n_layers: int = 4
     n_heads: int = 4
-    n_kv_heads: Optional[int] = None  # None: same as n_heads (multi-head attention)
-    ffn_hidden: Optional[int] = None  # None: Llama rule from dim, multiple_of, ffn_dim_multiplier
+    n_kv_heads: Optional[int] = None  # None: same as n_heads (multi-head attention); see kv_heads
+    ffn_hidden: Optional[int] = None  # None: Llama rule from dim, multiple_of, ffn_dim_multiplier; see ffn_dim
     multiple_of: int = 64
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: Optional[Dict[str, Any]] = None  # Hugging Face style rope_scaling dict
+    rope_scaling: Optional[Dict[str, Any]] = None  # Hugging Face style rope_scaling dict; None: plain RoPE
     tie_embeddings: bool = False
     init_std: float = 0.02
     # Context extension (seqpar.models.hf): start from a local Hugging Face Llama directory; its
@@ -60,15 +75,15 @@ class ModelConfig:
     max_position_embeddings: Optional[int] = None
 
     def __post_init__(self) -> None:
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of"):
+        for name in ("dim", "n_layers", "n_heads", "multiple_of"):
             _check_positive(f"model.{name}", getattr(self, name))
+        if self.n_kv_heads is not None:
+            _check_positive("model.n_kv_heads", self.n_kv_heads)
         if self.vocab_size is not None:
             _check_positive("model.vocab_size", self.vocab_size)
         _check(
-            self.n_heads % self.n_kv_heads == 0,
-            f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}; "
+            self.n_heads % self.kv_heads == 0,
+            f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.kv_heads}; "
             "set n_kv_heads to a divisor of n_heads.",
         )
         _check(
@@ -80,26 +95,10 @@ class ModelConfig:
             self.head_dim % 2 == 0,
             f"model.dim / model.n_heads = {self.head_dim} must be even for RoPE; change dim or n_heads.",
         )
-        if self.ffn_hidden is None:
-            hidden = int(2 * (4 * self.dim) / 3)
-            if self.ffn_dim_multiplier is not None:
-                hidden = int(self.ffn_dim_multiplier * hidden)
-            self.ffn_hidden = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
-        _check_positive("model.ffn_hidden", self.ffn_hidden)
+        _check_positive("model.ffn_hidden", self.ffn_dim)
         _check_positive("model.rope_theta", self.rope_theta)
-        if not self.rope_scaling:  # {} is the command-line schema's "no scaling" (see register_configs)
-            self.rope_scaling = None
-        if self.rope_scaling is not None:
-            _check(
-                isinstance(self.rope_scaling, dict)
-                and ("rope_type" in self.rope_scaling or "type" in self.rope_scaling),
-                "model.rope_scaling must be a dict with a 'rope_type' key (e.g. {rope_type: yarn, factor: 4}).",
-            )
-            # Lazy import (rope imports ConfigError from here): unknown type, factor < 1 and missing
-            # keys then fail at config time, naming model.rope_scaling.<field>.
-            from seqpar.ops.rope import compute_inv_freq
-
-            compute_inv_freq(self.head_dim, self.rope_theta, dict(self.rope_scaling))
+        # Unknown rope_type, factor < 1 and missing keys fail here, naming model.rope_scaling.<field>.
+        validate_scaling(self.rope_scaling, self.head_dim, self.rope_theta)
         if self.max_position_embeddings is not None:
             _check_positive("model.max_position_embeddings", self.max_position_embeddings)
 
@@ -107,8 +106,24 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``n_kv_heads``, or ``n_heads`` (multi-head attention) when unset."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
-@dataclass
+    @property
+    def ffn_dim(self) -> int:
+        """The SwiGLU hidden size: ``ffn_hidden``, or Llama's rule when unset: 2/3 of ``4 * dim``, times
+        ``ffn_dim_multiplier``, rounded up to a multiple of ``multiple_of``."""
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+@dataclass(frozen=True)
 class ParallelConfig:
     """Device mesh: ``dp * cp`` must equal the world size (``dp=-1`` fills in the rest)."""
 
@@ -123,12 +138,12 @@ class ParallelConfig:
     fsdp: str = "dp_cp"
 
     def __post_init__(self) -> None:
-        _check_choice("parallel.fsdp", self.fsdp, ("dp_cp", "dp", "none"))
+        _check_choice("parallel.fsdp", self.fsdp, FSDP_MODES)
         _check(self.dp == -1 or self.dp > 0, f"parallel.dp={self.dp} must be a positive integer or -1 (auto).")
         _check_positive("parallel.cp", self.cp)
         _check_choice("parallel.layout", self.layout, LAYOUTS)
-        _check_choice("parallel.attention_backend", self.attention_backend, ATTENTION_BACKENDS)
-        _check_choice("parallel.dist_backend", self.dist_backend, ("auto", "nccl", "gloo"))
+        _check_choice("parallel.attention_backend", self.attention_backend, BACKEND_NAMES)
+        _check_choice("parallel.dist_backend", self.dist_backend, DIST_BACKENDS)
 
     def resolve(self, world_size: int) -> tuple[int, int]:
         """Return ``(dp, cp)`` for ``world_size`` processes, or raise naming the fix."""
@@ -146,7 +161,7 @@ class ParallelConfig:
         return dp, self.cp
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """Where tokens come from. ``source=stdlib`` is the embedded corpus (no download)."""
 
@@ -154,7 +169,7 @@ class DataConfig:
     paths: List[str] = field(default_factory=list)  # files or globs for text / jsonl
     jsonl_field: str = "text"
     tokenizer: str = "byte"  # byte | bpe | hf (a checkpoint's tokenizer.json)
-    tokenizer_path: Optional[str] = None  # hf: directory with tokenizer.json (default: model.init_from)
+    tokenizer_path: Optional[str] = None  # hf: dir with tokenizer.json (None: model.init_from; Config.tokenizer_dir)
     bpe_vocab_size: int = 4096
     cache_dir: str = "~/.cache/seqpar"
     val_fraction: float = 0.01
@@ -185,7 +200,7 @@ class DataConfig:
             _check_positive("data.max_bytes", self.max_bytes)
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr``."""
 
@@ -206,7 +221,7 @@ class OptimConfig:
         _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1].")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """The loop: global sequence length, per-data-parallel-rank micro-batch, accumulation, steps."""
 
@@ -235,7 +250,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.ffn_chunk >= 0, f"train.ffn_chunk={self.ffn_chunk} must be >= 0 (0: plain MLP).")
-        _check_choice("train.ac", self.ac, ("none", "full", "selective"))
+        _check_choice("train.ac", self.ac, AC_MODES)
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_batches", "loss_chunk"):
             _check_positive(f"train.{name}", getattr(self, name))
         _check(self.seq_len >= 2, f"train.seq_len={self.seq_len} must be >= 2.")
@@ -245,7 +260,7 @@ class TrainConfig:
         _check(self.max_minutes >= 0, f"train.max_minutes={self.max_minutes} must be >= 0 (0: no budget).")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoggingConfig:
     """Console + JSONL always (rank 0); wandb when ``wandb=true`` (offline unless WANDB_API_KEY is set)."""
 
@@ -261,7 +276,7 @@ class LoggingConfig:
         _check(bool(self.run_dir), "logging.run_dir must be a non-empty path.")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     """Atomic checkpoints under ``<run_dir>/checkpoints``; ``every=0`` disables saving."""
 
@@ -275,7 +290,7 @@ class CheckpointConfig:
         _check_positive("checkpoint.keep_last", self.keep_last)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoRAConfig:
     """LongLoRA (seqpar.models.lora, seqpar.ops.s2attn): ``rank=0`` is full fine-tuning (LoRA off).
 
@@ -302,8 +317,10 @@ class LoRAConfig:
         _check(0.0 < self.s2_group_ratio <= 1.0, f"lora.s2_group_ratio={self.s2_group_ratio} must be in (0, 1].")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
+    """The whole run: one frozen value per group, checked across groups here."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -314,10 +331,11 @@ class Config:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
-        if self.data.tokenizer == "hf" and not self.data.tokenizer_path:
-            _check(bool(self.model.init_from), "data.tokenizer=hf needs data.tokenizer_path or model.init_from "
-                   "(a Hugging Face checkpoint directory with tokenizer.json).")
-            self.data.tokenizer_path = self.model.init_from
+        _check(
+            self.data.tokenizer != "hf" or bool(self.tokenizer_dir),
+            "data.tokenizer=hf needs data.tokenizer_path or model.init_from "
+            "(a Hugging Face checkpoint directory with tokenizer.json).",
+        )
         _check(
             self.data.pose_target_len == 0 or self.data.pose_target_len >= self.train.seq_len,
             f"data.pose_target_len={self.data.pose_target_len} must be >= train.seq_len={self.train.seq_len} "
@@ -335,29 +353,19 @@ class Config:
                 f"lora.s2_group_ratio={self.lora.s2_group_ratio} x train.seq_len={self.train.seq_len} gives "
                 f"S2-Attn groups of {group} tokens; it must be an even number >= 2 (the shift is half a group).",
             )
-        cp = self.parallel.cp
-        need = 2 * cp if self.parallel.layout == "zigzag" else cp
+        cp, layout = self.parallel.cp, self.parallel.layout
+        need = required_multiple(cp, layout)  # the layout module's rule, so config and sharding agree
         _check(
-            cp == 1 or self.train.seq_len % need == 0,
+            self.train.seq_len % need == 0,
             f"train.seq_len={self.train.seq_len} is not divisible by {need} "
-            f"(parallel.layout={self.parallel.layout} with cp={cp} needs a multiple of {need}); "
+            f"(parallel.layout={layout} with cp={cp} needs a multiple of {need}); "
             f"use seq_len={need * max(1, round(self.train.seq_len / need))}.",
         )
 
-
-def register_configs() -> None:
-    """Register the root schema with Hydra's ConfigStore: every YAML group and command-line override is
-    merged into it, so unknown keys and wrong types fail before any of our code runs."""
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
-
-    schema = OmegaConf.structured(Config)
-    # Building the schema ran ModelConfig.__post_init__, which fills derived fields; reset them so a
-    # preset or override of n_heads / dim re-derives them instead of inheriting the defaults' values.
-    schema.model.n_kv_heads = None
-    schema.model.ffn_hidden = None
-    # An empty dict, not None: OmegaConf cannot merge a command-line dict (model.rope_scaling={...})
-    # into a None node; ModelConfig turns {} back into None ("no scaling").
-    schema.model.rope_scaling = {}
-    OmegaConf.set_struct(schema.model.rope_scaling, False)  # its keys are the scaling type's, not a schema's
-    ConfigStore.instance().store(name="seqpar_schema", node=schema)
+    @property
+    def tokenizer_dir(self) -> Optional[str]:
+        """For ``data.tokenizer=hf``: the directory whose tokenizer.json is read, ``data.tokenizer_path``
+        or else the checkpoint being extended (``model.init_from``); None for the other tokenizers."""
+        if self.data.tokenizer != "hf":
+            return None
+        return self.data.tokenizer_path or self.model.init_from

@@ -14,7 +14,9 @@ from seqpar.data.packing import (
 from seqpar.data.tokenizer import (
     BPETokenizer,
     ByteTokenizer,
+    HFTokenizer,
     build_tokenizer,
+    checkpoint_tokenizer,
     encode_corpus,
     encode_documents,
 )
@@ -22,11 +24,13 @@ from seqpar.data.tokenizer import (
 __all__ = [
     "BPETokenizer",
     "ByteTokenizer",
+    "HFTokenizer",
     "IGNORE_INDEX",
     "PackedBatches",
     "TokenStream",
     "build_data",
     "build_tokenizer",
+    "checkpoint_tokenizer",
     "corpus_fingerprint",
     "encode_corpus",
     "encode_documents",

@@ -195,7 +195,8 @@ class PackedBatches:
 
 
 def build_data(
-    cfg: DataConfig, *, seq_len: int, batch_size: int, seed: int, dp_rank: int = 0, dp_size: int = 1
+    cfg: DataConfig, *, seq_len: int, batch_size: int, seed: int, dp_rank: int = 0, dp_size: int = 1,
+    tokenizer=None,
 ) -> tuple[PackedBatches, Optional[PackedBatches], Union[ByteTokenizer, BPETokenizer]]:
     """Read, tokenize, split and pack the corpus ``cfg`` names; the trainer's one data entry point.
 
@@ -205,6 +206,8 @@ def build_data(
         cfg: data config. seq_len: tokens per row (global, before context-parallel sharding).
         batch_size: rows per dp rank per step. seed: train row/document order.
         dp_rank, dp_size: this rank's data-parallel coordinate.
+        tokenizer: one already built for ``cfg`` (``seqpar.train.resolve.load_tokenizer``, which the
+            config's resolution built to learn the vocabulary); None: build it here.
     Returns:
         ``(train, val, tokenizer)``: ``train`` loops forever; ``val`` makes one pass per ``iter()``
         and is ``None`` when ``val_fraction == 0`` or the val split cannot fill one global batch
@@ -213,7 +216,8 @@ def build_data(
         ConfigError: the train split cannot fill one global batch (message names the fix);
         FileNotFoundError / ValueError: from the corpus (missing path, bad jsonl line).
     """
-    tokenizer = build_tokenizer(cfg, lambda: iter_documents(cfg))
+    if tokenizer is None:
+        tokenizer = build_tokenizer(cfg, lambda: iter_documents(cfg))
     docs = encode_corpus(tokenizer, lambda: iter_documents(cfg), cfg.cache_dir)
     if not docs:
         raise ConfigError(f"data.source={cfg.source} yielded no non-empty document; check data.paths.")

@@ -3,6 +3,8 @@
 
 ``ByteTokenizer`` needs nothing and is exact for any text. ``BPETokenizer`` wraps Hugging Face
 ``tokenizers`` (optional dependency, imported lazily), trained on the corpus and cached as JSON.
+``HFTokenizer`` is a pretrained checkpoint's ``tokenizer.json``. A run's tokenizer comes from its
+config (:func:`build_tokenizer`), a checkpoint directory's from :func:`checkpoint_tokenizer`.
 """
 from __future__ import annotations
 
@@ -153,29 +155,21 @@ class HFTokenizer:
         self.pad_id = self.eos_id
 
     def _special_ids(self, directory: str) -> tuple[int, int]:
-        import json
-
+        model_cfg = _read_json(os.path.join(directory, "config.json"))
+        tok_cfg = _read_json(os.path.join(directory, "tokenizer_config.json"))
         ids = {}
-        cfg_path = os.path.join(directory, "config.json")
-        if os.path.isfile(cfg_path):
-            with open(cfg_path) as f:
-                cfg = json.load(f)
-            for name in ("bos", "eos"):
-                v = cfg.get(f"{name}_token_id")
-                ids[name] = v[0] if isinstance(v, list) and v else v
-        tok_cfg_path = os.path.join(directory, "tokenizer_config.json")
-        if os.path.isfile(tok_cfg_path):
-            with open(tok_cfg_path) as f:
-                tok_cfg = json.load(f)
-            for name in ("bos", "eos"):
+        for name in ("bos", "eos"):
+            v = model_cfg.get(f"{name}_token_id")
+            ids[name] = v[0] if isinstance(v, list) and v else v
+            if ids[name] is None:  # else the token string tokenizer_config.json names
                 tok = tok_cfg.get(f"{name}_token")
                 tok = tok.get("content") if isinstance(tok, dict) else tok
-                if ids.get(name) is None and isinstance(tok, str):
-                    ids[name] = self._tok.token_to_id(tok)
-        missing = [n for n in ("bos", "eos") if ids.get(n) is None]
+                ids[name] = self._tok.token_to_id(tok) if isinstance(tok, str) else None
+        missing = [n for n in ("bos", "eos") if ids[n] is None]
         if missing:
-            raise ValueError(f"data.tokenizer=hf: no {' / '.join(missing)} token id in {directory}/config.json or "
-                             "tokenizer_config.json; add bos_token_id and eos_token_id to config.json.")
+            raise ValueError(f"{directory}: no {' / '.join(missing)} token id in config.json or tokenizer_config.json "
+                             "(data.tokenizer=hf and evaluation pack documents with them); add bos_token_id and "
+                             "eos_token_id to config.json.")
         return int(ids["bos"]), int(ids["eos"])
 
     @property
@@ -190,13 +184,36 @@ class HFTokenizer:
         return self._tok.decode(_as_int_list(ids), skip_special_tokens=True)
 
 
+def _read_json(path: str) -> dict:
+    """The JSON object in ``path``, or ``{}`` when there is no such file (HF side files are optional)."""
+    import json
+
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def checkpoint_tokenizer(directory: str):
+    """The tokenizer a Hugging Face checkpoint directory carries, for evaluating or exporting it.
+
+    ``tokenizer.json`` present: :class:`HFTokenizer` (with the checkpoint's BOS/EOS, as ``data.tokenizer=hf``
+    trains with). Absent: :class:`ByteTokenizer`, the tokenizer of a byte-level seqpar run exported by
+    ``seqpar.eval.export`` (which has no tokenizer.json to write). Raises ImportError without the
+    ``tokenizers`` package when tokenizer.json is there; ValueError when its BOS/EOS ids are unknown.
+    """
+    if os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        return HFTokenizer(directory)
+    return ByteTokenizer()
+
+
 def bpe_cache_path(cfg: DataConfig, corpus_id: str) -> Path:
     """``<cache_dir>/tokenizers/bpe-<hash>.json``, keyed by corpus identity, vocab size and recipe."""
     key = hashlib.sha256(f"{corpus_id}|{cfg.bpe_vocab_size}|{_BPE_RECIPE_VERSION}".encode()).hexdigest()[:16]
     return Path(os.path.expanduser(cfg.cache_dir)) / "tokenizers" / f"bpe-{key}.json"
 
 
-def build_tokenizer(cfg: DataConfig, documents_fn: Callable[[], Iterator[str]]):
+def build_tokenizer(cfg: DataConfig, documents_fn: Callable[[], Iterator[str]], directory: Optional[str] = None):
     """The tokenizer ``cfg.tokenizer`` names.
 
     Args:
@@ -204,8 +221,10 @@ def build_tokenizer(cfg: DataConfig, documents_fn: Callable[[], Iterator[str]]):
         documents_fn: zero-argument callable returning the corpus documents; called only when a BPE
             vocabulary must be trained (cache miss), by one process per ``cache_dir``. The tokenizer
             sees the val documents too, as is usual; it learns merges, not the val loss.
+        directory: for ``hf``, the checkpoint directory with tokenizer.json (``Config.tokenizer_dir``:
+            ``data.tokenizer_path``, else ``model.init_from``); None: ``data.tokenizer_path``.
     Returns:
-        ``ByteTokenizer`` or ``BPETokenizer``.
+        ``ByteTokenizer``, ``BPETokenizer`` or ``HFTokenizer``.
     Raises:
         ImportError: ``bpe`` without the ``tokenizers`` package (message says how to fix).
         TimeoutError: another process held the training lock for over an hour (stale lock file).
@@ -213,7 +232,7 @@ def build_tokenizer(cfg: DataConfig, documents_fn: Callable[[], Iterator[str]]):
     if cfg.tokenizer == "byte":
         return ByteTokenizer()
     if cfg.tokenizer == "hf":
-        tok = HFTokenizer(os.path.expanduser(cfg.tokenizer_path))
+        tok = HFTokenizer(os.path.expanduser(directory or cfg.tokenizer_path))
         # The encoded-stream cache is keyed by vocabulary AND corpus (BPE's key gets the corpus through
         # its file name; here the vocabulary comes from the checkpoint, so add the corpus explicitly).
         tok.cache_key = hashlib.sha256(f"{tok.cache_key}|{corpus_fingerprint(cfg)}".encode()).hexdigest()[:16]

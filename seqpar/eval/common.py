@@ -4,7 +4,10 @@ A checkpoint argument is either a Hugging Face Llama directory (``config.json`` 
 :mod:`seqpar.models.hf`) or a seqpar run directory (``<run_dir>/checkpoints/step-N``): its model
 config comes from ``<run_dir>/config.yaml`` when the trainer wrote one, else from the same Hydra
 overrides ``train.py`` took (``model=tiny model.dim=64 ...``). LoRA adapters found in a run
-checkpoint are applied and merged, so the evaluated model is the fine-tuned one.
+checkpoint are applied and merged, so the evaluated model is the fine-tuned one. The tokenizer is the
+one the run trained with (``data.tokenizer``), or the HF directory's own
+(:func:`~seqpar.data.tokenizer.checkpoint_tokenizer`: its tokenizer.json with BOS/EOS, bytes when it
+has none), so held-out text is packed exactly as training packs it.
 
 A scaling variant (``--scaling``) is ``checkpoint`` (the model's own), ``none``, ``TYPE:FACTOR``
 (``yarn:4``, ``linear:4``, ``ntk:4``, ``dynamic:4``, ``llama3:4``; the original length is the
@@ -34,37 +37,18 @@ class Loaded:
     """A model ready for evaluation, its tokenizer, the length it was trained at, and its source."""
 
     model: Llama
-    tokenizer: object  # .encode(str) -> int array; .bos_id / .eos_id (None for a bare tokenizer.json)
+    tokenizer: object  # one of seqpar.data.tokenizer's: .encode(str) -> int array, .bos_id, .eos_id
     train_len: int
     source: str
     data: Optional[object] = None  # the run's DataConfig (its val split is the held-out text)
 
 
-class JsonTokenizer:
-    """A ``tokenizer.json`` shipped with an HF checkpoint (needs the ``tokenizers`` package)."""
-
-    bos_id = eos_id = None
-
-    def __init__(self, path: str):
-        from tokenizers import Tokenizer
-
-        self._tok = Tokenizer.from_file(path)
-
-    def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
-
-
 def _run_config(run_dir: str, overrides: Sequence[str]) -> Config:
     path = os.path.join(run_dir, "config.yaml")
     if os.path.isfile(path):
-        from omegaconf import OmegaConf
+        from seqpar.cli import load_config_file
 
-        from seqpar.config import register_configs
-
-        register_configs()  # resets derived fields of the schema, as train.py does
-        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path),
-                                 OmegaConf.from_dotlist([o for o in overrides if "=" in o]))
-        return OmegaConf.to_object(merged)
+        return load_config_file(path, [o for o in overrides if "=" in o])
     from seqpar.cli import load_config
 
     return load_config(list(overrides))
@@ -81,31 +65,27 @@ def _latest_step_dir(run_dir: str) -> str:
 
 
 def _model_shapes(step_dir: str) -> dict[str, tuple]:
-    """``{parameter name: shape}`` of the model in a checkpoint: a DCP folder (``.metadata``, the
-    trainer's format, model under the ``model.`` prefix) or a legacy ``rank-0.pt``."""
-    if os.path.isfile(os.path.join(step_dir, ".metadata")):
-        from torch.distributed.checkpoint import FileSystemReader
+    """``{parameter name: shape}`` of the model in a trainer checkpoint: DCP's ``.metadata`` lists every
+    tensor, the model's under the ``model.`` prefix. ConfigError for a folder that is not DCP."""
+    if not os.path.isfile(os.path.join(step_dir, ".metadata")):
+        raise ConfigError(f"{step_dir} is not a DCP checkpoint (no .metadata): the trainer writes its checkpoints "
+                          "with torch.distributed.checkpoint; point --checkpoint at a run directory it wrote, or at "
+                          "a Hugging Face directory.")
+    from torch.distributed.checkpoint import FileSystemReader
 
-        meta = FileSystemReader(step_dir).read_metadata().state_dict_metadata
-        return {k[len("model."):]: tuple(v.size) for k, v in meta.items() if k.startswith("model.") and hasattr(v, "size")}
-    part = os.path.join(step_dir, "rank-0.pt")
-    if os.path.isfile(part):
-        return {k: tuple(v.shape) for k, v in torch.load(part, map_location="cpu", weights_only=True)["model"].items()}
-    raise ConfigError(f"{step_dir} is neither a DCP checkpoint (.metadata) nor has rank-0.pt.")
+    meta = FileSystemReader(step_dir).read_metadata().state_dict_metadata
+    return {k[len("model."):]: tuple(v.size) for k, v in meta.items() if k.startswith("model.") and hasattr(v, "size")}
 
 
-def _load_state(model: Llama, step_dir: str) -> None:
-    if os.path.isfile(os.path.join(step_dir, ".metadata")):
-        import torch.distributed.checkpoint as dcp
+def _load_model_state(model: Llama, step_dir: str) -> None:
+    """Read only the ``model`` entries of a DCP checkpoint into ``model`` (one process, no group)."""
+    import torch.distributed.checkpoint as dcp
 
-        state = {"model": model.state_dict()}
-        with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent here
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=step_dir)  # reads only the "model" entries
-        model.load_state_dict(state["model"])
-    else:
-        model.load_state_dict(torch.load(os.path.join(step_dir, "rank-0.pt"), map_location="cpu",
-                                         weights_only=True)["model"])
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent here
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=step_dir)
+    model.load_state_dict(state["model"])
 
 
 def load_model(checkpoint: str, overrides: Sequence[str] = (), device: str = "cpu") -> Loaded:
@@ -113,14 +93,13 @@ def load_model(checkpoint: str, overrides: Sequence[str] = (), device: str = "cp
 
     Raises ConfigError (HFCheckpointError is one) naming the missing file or field.
     """
-    from seqpar.data.tokenizer import ByteTokenizer, build_tokenizer
+    from seqpar.data.tokenizer import build_tokenizer, checkpoint_tokenizer
 
     if os.path.isfile(os.path.join(checkpoint, "config.json")):
         from seqpar.models.hf import load_hf, read_hf_config
 
         model = load_hf(checkpoint, device=device)
-        tok_file = os.path.join(checkpoint, "tokenizer.json")
-        tokenizer = JsonTokenizer(tok_file) if os.path.isfile(tok_file) else ByteTokenizer()
+        tokenizer = checkpoint_tokenizer(checkpoint)
         scaling = model.cfg.rope_scaling or {}
         train_len = int(scaling.get("original_max_position_embeddings")
                         or read_hf_config(checkpoint).get("max_position_embeddings") or 2048)
@@ -148,9 +127,9 @@ def load_model(checkpoint: str, overrides: Sequence[str] = (), device: str = "cp
         raise ConfigError(f"{step_dir} does not fit the model config: {bad[0]} is {shapes.get(bad[0])} in the checkpoint "
                           f"but {ours.get(bad[0])} in the model ({len(bad)} mismatches); pass the run's overrides "
                           "(model.dim=..., model.n_layers=..., lora.rank=...) or train with a config.yaml in the run dir.")
-    _load_state(model, step_dir)
+    _load_model_state(model, step_dir)
     merge_lora(model)
-    tokenizer = build_tokenizer(cfg.data, lambda: iter_documents(cfg.data))
+    tokenizer = build_tokenizer(cfg.data, lambda: iter_documents(cfg.data), directory=cfg.tokenizer_dir)
     return Loaded(model.to(device).eval(), tokenizer, cfg.train.seq_len, checkpoint, cfg.data)
 
 
@@ -186,11 +165,7 @@ def eval_text_stream(loaded: Loaded, text_file: Optional[str], max_tokens: int) 
     data = loaded.data if loaded.data is not None else DataConfig()
     docs = [loaded.tokenizer.encode(d) for d in iter_documents(data)]
     _, val = split_documents(len(docs), data.val_fraction, seed=0)
-    if loaded.tokenizer.bos_id is not None:
-        ids = pack_documents([docs[i] for i in val], loaded.tokenizer.bos_id, loaded.tokenizer.eos_id).tokens
-    else:
-        sep = loaded.tokenizer.encode("\n\n")
-        ids = np.concatenate([np.concatenate([docs[i], sep]) for i in val])
+    ids = pack_documents([docs[i] for i in val], loaded.tokenizer.bos_id, loaded.tokenizer.eos_id).tokens
     return ids[:max_tokens].astype(np.int64)
 
 
@@ -206,8 +181,24 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides for a run directory without config.yaml")
 
 
-def lengths_arg(spec: Optional[str], train_len: int) -> list[int]:
-    return [train_len, 2 * train_len, 4 * train_len] if not spec else [int(x) for x in spec.split(",")]
+def load_from_args(args: argparse.Namespace) -> tuple[Loaded, int, list[int], dict]:
+    """What every evaluation CLI starts from (the arguments of :func:`add_common_args`): the loaded
+    model, its training length, the context lengths (default 1x, 2x, 4x) and ``{--scaling: rope_scaling}``."""
+    loaded = load_model(args.checkpoint, args.overrides, args.device)
+    train_len = args.train_len or loaded.train_len
+    lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else [train_len, 2 * train_len, 4 * train_len]
+    scalings = {s: parse_scaling(s, loaded.model, train_len) for s in args.scaling or ["checkpoint"]}
+    return loaded, train_len, lengths, scalings
+
+
+def length_axis(ax, lengths: Sequence[int], train_len: Optional[int] = None) -> None:
+    """A log2 context-length x axis ticked at exactly ``lengths``, the training length dashed."""
+    if train_len:
+        ax.axvline(train_len, color="gray", ls="--", lw=1, label="train length")
+    ax.set_xscale("log", base=2)
+    ax.minorticks_off()  # log-axis minor labels would overprint the length ticks
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.set_xlabel("context length (tokens)")
 
 
 def write_results(out_dir: str, name: str, rows: list[dict], columns: list[str], meta: dict) -> str:

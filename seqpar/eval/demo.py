@@ -8,14 +8,14 @@
 
     python -m seqpar.eval.demo --out results/ctx_demo --device cuda --train-len 256
 
-The fine-tunes use the library pieces the trainer will call (``apply_lora``, ``apply_pose``,
-``make_s2_attn_fn``, ``Llama.set_rope_scaling``) in a minimal loop, so the demo does not depend on
-trainer wiring. Numbers from one seed on a sub-million-parameter model: read trends, not decimals.
+Every fine-tune is a real :class:`seqpar.train.Trainer` run (``<out>/ft/<name>``: config.yaml, metrics)
+started from the base weights, so the demo measures what ``train.py`` with the same recipe trains.
+Numbers from one seed on a sub-million-parameter model: read trends, not decimals.
 """
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import os
 import sys
 import time
@@ -25,6 +25,7 @@ import torch
 
 from seqpar.config import (CheckpointConfig, Config, DataConfig, LoggingConfig, LoRAConfig, ModelConfig,
                            OptimConfig, TrainConfig)
+from seqpar.models.llama import Llama
 
 
 def write_passkey_corpus(path: str, train_len: int, n_docs: int, code_bytes: int, seed: int) -> None:
@@ -70,46 +71,52 @@ def _base_config(args, data: DataConfig) -> Config:
     )
 
 
-def finetune(model, cfg: Config, *, scaling: dict, steps: int, lr: float, pose_target: int = 0,
-             lora: Optional[LoRAConfig] = None, device: str = "cpu") -> dict:
-    """Fine-tune a copy of ``model`` at ``cfg.train.seq_len`` with ``scaling`` (+ PoSE, + LongLoRA);
-    returns ``{"model": merged model, "loss": last loss, "seconds": wall time}``."""
-    from seqpar.data import build_data
-    from seqpar.data.pose import apply_pose
-    from seqpar.models.lora import apply_lora, merge_lora
-    from seqpar.ops.s2attn import make_s2_attn_fn
+def finetune_config(base: Config, model: ModelConfig, run_dir: str, *, scaling: dict, steps: int, lr: float,
+                    pose_target: int = 0, lora: Optional[LoRAConfig] = None) -> Config:
+    """The run that fine-tunes the ``base`` run's model (``model``: its resolved shape) at
+    ``base.train.seq_len`` with RoPE ``scaling``, PoSE positions up to ``pose_target`` (0: off) and LoRA.
 
-    model = copy.deepcopy(model).to(device).train()
-    model.set_rope_scaling(scaling, seq_len=pose_target or cfg.train.seq_len)
-    params = apply_lora(model, lora) if lora is not None else list(model.parameters())
-    if lora is not None and lora.s2_attn:
-        model.set_attn_fn(make_s2_attn_fn(int(lora.s2_group_ratio * cfg.train.seq_len)))
-    train, _, _ = build_data(cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size, seed=cfg.train.seed + 1)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
-    start, loss = time.time(), float("nan")
-    for step in range(steps):
-        batch = apply_pose(next(train), target_len=pose_target, num_chunks=2, seed=cfg.train.seed, step=step)
-        tokens, labels, positions = (batch[k].to(device) for k in ("tokens", "labels", "positions"))
-        with autocast:
-            loss_sum, n = model.loss(model(tokens, positions), labels)
-        (loss_sum / n).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        loss = (loss_sum / n).item()
-    merge_lora(model)
-    model.set_attn_fn(None)  # evaluation runs full attention, as LongLoRA does at inference
-    return {"model": model.eval(), "loss": loss, "seconds": time.time() - start}
+    AdamW without weight decay, 20 warmup steps then a constant rate: a short fine-tune, not a schedule.
+    Data in another order than the base run saw (seed + 1); no checkpoints (the model is returned).
+    """
+    return dataclasses.replace(
+        base,
+        model=dataclasses.replace(model, rope_scaling=scaling),
+        data=dataclasses.replace(base.data, pose_target_len=pose_target, pose_chunks=2),
+        optim=OptimConfig(lr=lr, weight_decay=0.0, beta2=0.999, warmup_steps=20, min_lr_ratio=1.0),
+        train=dataclasses.replace(base.train, steps=steps, seed=base.train.seed + 1, eval_every=0),
+        lora=lora if lora is not None else LoRAConfig(),
+        logging=dataclasses.replace(base.logging, run_dir=run_dir, log_every=max(1, steps // 10)),
+        checkpoint=CheckpointConfig(every=0, resume=False),
+    )
+
+
+def finetune(model: Llama, cfg: Config) -> dict:
+    """Train ``cfg`` (one process) starting from ``model``'s weights, which stay untouched.
+
+    Returns ``{"model": the fine-tuned model, LoRA merged, full attention, eval mode; "loss": final train
+    loss; "seconds": wall time}``. Evaluation runs full attention, as LongLoRA does at inference.
+    """
+    from seqpar.models.lora import merge_lora
+    from seqpar.parallel.mesh import destroy_mesh, init_mesh
+    from seqpar.train import Trainer
+
+    start = time.time()
+    mesh = init_mesh(cfg.parallel, cfg.train.device)
+    try:
+        trainer = Trainer(cfg, mesh, init_state=model.state_dict())
+        history = trainer.fit()["history"]
+    finally:
+        destroy_mesh()
+    tuned = trainer.model
+    merge_lora(tuned)
+    tuned.set_attn_fn(None)
+    return {"model": tuned.eval(), "loss": history[-1]["loss"], "seconds": time.time() - start}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from seqpar.cli import config_yaml
+    from seqpar.eval import passkey, perplexity
     from seqpar.eval.common import eval_text_stream, load_model, write_results
-    from seqpar.eval.passkey import evaluate_passkey, plot_passkey
-    from seqpar.eval.perplexity import evaluate_perplexity, plot_perplexity
     from seqpar.train import run
 
     p = argparse.ArgumentParser(prog="python -m seqpar.eval.demo", description=__doc__.split("\n")[0])
@@ -138,10 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         corpus = os.path.join(args.out, "passkey_corpus.jsonl")
         write_passkey_corpus(corpus, L, n_docs=20000, code_bytes=args.max_bytes or 4_000_000, seed=args.seed)
         data = DataConfig(source="jsonl", paths=[corpus])
-    cfg = _base_config(args, data)
-    os.makedirs(cfg.logging.run_dir, exist_ok=True)
-    with open(os.path.join(cfg.logging.run_dir, "config.yaml"), "w") as f:
-        f.write(config_yaml(cfg))  # what load_model reads back
+    cfg = _base_config(args, data)  # the trainer writes <run_dir>/config.yaml, which load_model reads back
     t0 = time.time()
     history = run(cfg)["history"]
     base_seconds = time.time() - t0
@@ -153,12 +157,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                          "original_max_position_embeddings": L})
                  for t in ("none", "linear", "ntk", "dynamic", "yarn")}
     variants = {name: (base, s) for name, s in zero_shot.items()}
-    ft_cfg = copy.deepcopy(cfg)
     runs = {"ft/yarn": dict(), "ft/yarn+pose": dict(pose_target=factor * L),
             "ft/longlora+yarn+pose": dict(pose_target=factor * L, lora=LoRAConfig(rank=8, alpha=16, s2_attn=True))}
     ft_info = {}
     for name, kw in runs.items():
-        res = finetune(base, ft_cfg, scaling=yarn, steps=args.ft_steps, lr=args.ft_lr, device=args.device, **kw)
+        ft_cfg = finetune_config(cfg, base.cfg, os.path.join(args.out, name), scaling=yarn, steps=args.ft_steps,
+                                 lr=args.ft_lr, **kw)
+        res = finetune(base, ft_cfg)
         variants[name] = (res["model"], yarn)
         ft_info[name] = {"final_train_loss": res["loss"], "seconds": res["seconds"]}
         print(f"{name}: {args.ft_steps} steps, final train loss {res['loss']:.3f}, {res['seconds']:.0f}s", flush=True)
@@ -168,23 +173,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ppl_rows, pk_rows = [], []
     for name, (model, scaling) in variants.items():
         model.to(args.device)
-        ppl_rows += evaluate_perplexity(model, ids, {name: scaling}, lengths, stride=L // 2, device=args.device,
-                                        ignore_id=loaded.tokenizer.bos_id)
-        pk_rows += evaluate_passkey(model, loaded.tokenizer, {name: scaling}, lengths, [0.0, 0.25, 0.5, 0.75, 1.0],
-                                    args.passkey_samples, seed=args.seed, device=args.device)
+        ppl_rows += perplexity.evaluate_perplexity(model, ids, {name: scaling}, lengths, stride=L // 2,
+                                                   device=args.device, ignore_id=loaded.tokenizer.bos_id)
+        pk_rows += passkey.evaluate_passkey(model, loaded.tokenizer, {name: scaling}, lengths,
+                                            [0.0, 0.25, 0.5, 0.75, 1.0], args.passkey_samples, seed=args.seed,
+                                            device=args.device)
     meta = {"train_len": L, "factor": factor, "base_steps": args.base_steps, "ft_steps": args.ft_steps,
             "base_final_loss": history[-1]["loss"] if history else None, "base_seconds": base_seconds,
             "finetunes": ft_info, "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
-    print(write_results(args.out, "perplexity", ppl_rows, ["scaling", "length", "ppl", "nll", "tokens"], meta))
-    plot_perplexity(ppl_rows, os.path.join(args.out, "perplexity.png"), L)
-    summary = [{"scaling": n, "length": length, "depth": "mean",
-                "accuracy": sum(r["accuracy"] for r in pk_rows if r["scaling"] == n and r["length"] == length) / 5,
-                "digit_accuracy": sum(r["digit_accuracy"] for r in pk_rows
-                                      if r["scaling"] == n and r["length"] == length) / 5,
-                "n": 5 * args.passkey_samples} for n in variants for length in lengths]
-    print(write_results(args.out, "passkey", summary + pk_rows,
-                        ["scaling", "length", "depth", "accuracy", "digit_accuracy", "n"], meta))
-    plot_passkey(pk_rows, os.path.join(args.out, "passkey.png"), L)
+    print(write_results(args.out, "perplexity", ppl_rows, perplexity.COLUMNS, meta))
+    perplexity.plot_perplexity(ppl_rows, os.path.join(args.out, "perplexity.png"), L)
+    print(write_results(args.out, "passkey", passkey.passkey_summary(pk_rows) + pk_rows, passkey.COLUMNS, meta))
+    passkey.plot_passkey(pk_rows, os.path.join(args.out, "passkey.png"), L)
     return 0
 
 

@@ -20,8 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from seqpar.eval.common import (add_common_args, lengths_arg, load_model, parse_scaling, pyplot, run_cli,
-                                write_results)
+from seqpar.eval.common import add_common_args, length_axis, load_from_args, pyplot, run_cli, write_results
 
 PREFIX = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
           "I will quiz you about the important information there.\n")
@@ -87,6 +86,21 @@ def evaluate_passkey(model, tokenizer, scalings: dict, lengths: Sequence[int], d
     return rows
 
 
+COLUMNS = ["scaling", "length", "depth", "accuracy", "digit_accuracy", "n"]
+
+
+def passkey_summary(rows: list[dict]) -> list[dict]:
+    """One row per (variant, length) with ``depth="mean"``: accuracies averaged over the depths and
+    ``n`` summed; a table puts these first, they are the numbers a reader wants."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["scaling"], r["length"]), []).append(r)
+    return [{"scaling": name, "length": length, "depth": "mean",
+             "accuracy": float(np.mean([r["accuracy"] for r in cell])),
+             "digit_accuracy": float(np.mean([r["digit_accuracy"] for r in cell])),
+             "n": sum(r["n"] for r in cell)} for (name, length), cell in cells.items()]
+
+
 def plot_passkey(rows: list[dict], path: str, train_len: Optional[int] = None) -> None:
     """Top row: exact-match and per-digit accuracy vs length (mean over depths), one line per variant;
     below: a length x depth heatmap of exact-match accuracy per variant, four to a row."""
@@ -101,13 +115,8 @@ def plot_passkey(rows: list[dict], path: str, train_len: Optional[int] = None) -
         for name in names:
             ax.plot(lengths, [np.mean([r[metric] for r in rows if r["scaling"] == name and r["length"] == n])
                               for n in lengths], marker="o", label=name)
-        if train_len:
-            ax.axvline(train_len, color="gray", ls="--", lw=1, label="train length")
-        ax.set_xscale("log", base=2)
-        ax.set(xlabel="context length (tokens)", ylabel=metric.replace("_", " "), ylim=(-0.05, 1.05),
-               title=f"passkey {metric.replace('_', ' ')}")
-        ax.minorticks_off()  # log-axis minor labels would overprint the length ticks
-        ax.set_xticks(lengths, [str(n) for n in lengths])
+        length_axis(ax, lengths, train_len)
+        ax.set(ylabel=metric.replace("_", " "), ylim=(-0.05, 1.05), title=f"passkey {metric.replace('_', ' ')}")
     axes[0, 0].legend(fontsize=7)
     for ax in axes[0, 2:]:
         ax.axis("off")
@@ -134,24 +143,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--samples", type=int, default=10, help="prompts per (length, depth) cell")
     parser.add_argument("--digits", type=int, default=5)
     args = parser.parse_args(argv)
-    loaded = load_model(args.checkpoint, args.overrides, args.device)
-    train_len = args.train_len or loaded.train_len
-    lengths = lengths_arg(args.lengths, train_len)
+    loaded, train_len, lengths, scalings = load_from_args(args)
     depths = [float(d) for d in args.depths.split(",")]
-    specs = args.scaling or ["checkpoint"]
-    scalings = {s: parse_scaling(s, loaded.model, train_len) for s in specs}
     rows = evaluate_passkey(loaded.model, loaded.tokenizer, scalings, lengths, depths, args.samples,
                             args.digits, args.seed, args.device)
-    # Summary rows (mean over depths) first in the table: the numbers a reader wants.
-    summary = [{"scaling": s, "length": n, "depth": "mean",
-                "accuracy": float(np.mean([r["accuracy"] for r in rows if r["scaling"] == s and r["length"] == n])),
-                "digit_accuracy": float(np.mean([r["digit_accuracy"] for r in rows
-                                                 if r["scaling"] == s and r["length"] == n])),
-                "n": args.samples * len(depths)} for s in scalings for n in lengths]
     meta = {"checkpoint": loaded.source, "train_len": train_len, "scalings": scalings, "samples": args.samples,
             "digits": args.digits, "seed": args.seed}
-    table = write_results(args.out, "passkey", summary + rows,
-                          ["scaling", "length", "depth", "accuracy", "digit_accuracy", "n"], meta)
+    table = write_results(args.out, "passkey", passkey_summary(rows) + rows, COLUMNS, meta)
     plot_passkey(rows, f"{args.out}/passkey.png", train_len)
     print(table)
     return 0

@@ -20,10 +20,11 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from seqpar.eval.common import (add_common_args, eval_text_stream, lengths_arg, load_model, parse_scaling, pyplot,
-                                run_cli, write_results)
+from seqpar.data.packing import IGNORE_INDEX
+from seqpar.eval.common import (add_common_args, eval_text_stream, length_axis, load_from_args, pyplot, run_cli,
+                                write_results)
 
-IGNORE_INDEX = -100
+COLUMNS = ["scaling", "length", "ppl", "nll", "tokens"]
 
 
 def _windows(ids: np.ndarray, context: int, stride: int, first_target: int) -> tuple[np.ndarray, np.ndarray]:
@@ -90,12 +91,8 @@ def plot_perplexity(rows: list[dict], path: str, train_len: Optional[int] = None
     for name in dict.fromkeys(r["scaling"] for r in rows):
         ax.plot(lengths, [next(r["ppl"] for r in rows if r["scaling"] == name and r["length"] == n) for n in lengths],
                 marker="o", label=name)
-    if train_len:
-        ax.axvline(train_len, color="gray", ls="--", lw=1, label="train length")
-    ax.set_xscale("log", base=2)
-    ax.set(yscale="log", xlabel="context length (tokens)", ylabel="perplexity", title="perplexity vs context length")
-    ax.minorticks_off()  # log-axis minor labels would overprint the length ticks
-    ax.set_xticks(lengths, [str(n) for n in lengths])
+    length_axis(ax, lengths, train_len)
+    ax.set(yscale="log", ylabel="perplexity", title="perplexity vs context length")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -111,18 +108,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--text", default=None, help="a UTF-8 text file (default: the run's val split)")
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args(argv)
-    loaded = load_model(args.checkpoint, args.overrides, args.device)
-    train_len = args.train_len or loaded.train_len
-    lengths = lengths_arg(args.lengths, train_len)
+    loaded, train_len, lengths, scalings = load_from_args(args)
     stride = args.stride or max(1, min(lengths) // 2)
-    specs = args.scaling or ["checkpoint"]
-    scalings = {s: parse_scaling(s, loaded.model, train_len) for s in specs}
     ids = eval_text_stream(loaded, args.text, args.max_tokens)
     rows = evaluate_perplexity(loaded.model, ids, scalings, lengths, stride, args.batch_size, args.device,
-                               getattr(loaded.tokenizer, "bos_id", None))
+                               loaded.tokenizer.bos_id)
     meta = {"checkpoint": loaded.source, "train_len": train_len, "scalings": scalings, "stride": stride,
             "text": args.text or "val split", "text_tokens": int(len(ids))}
-    table = write_results(args.out, "perplexity", rows, ["scaling", "length", "ppl", "nll", "tokens"], meta)
+    table = write_results(args.out, "perplexity", rows, COLUMNS, meta)
     plot_perplexity(rows, f"{args.out}/perplexity.png", train_len)
     print(table)
     return 0

@@ -18,7 +18,7 @@ follows that accounting when ``train.compile`` is on.
 
 Module identity and parameter names do not change (``nn.Module.compile`` compiles the call in place;
 no ``_orig_mod``), so checkpoints, FSDP2 units, LoRA and the HF export are unaffected. Call it before
-activation checkpointing and FSDP wrapping (:func:`seqpar.parallel.fsdp.parallelize` does).
+activation checkpointing and FSDP wrapping (:func:`seqpar.models.parallelize.parallelize` does).
 """
 from __future__ import annotations
 

@@ -24,7 +24,8 @@ from typing import Optional, Union
 
 import torch
 
-from seqpar.config import ConfigError, ModelConfig
+from seqpar.config import ModelConfig
+from seqpar.errors import ConfigError
 from seqpar.models.llama import Llama
 
 CONFIG_FILE = "config.json"
@@ -159,8 +160,8 @@ def hf_config_from_model(cfg: ModelConfig, dtype: torch.dtype, base: Optional[di
     out = {k: v for k, v in (base or {}).items() if k not in ("rope_parameters", "rope_scaling", "dtype")}
     out.update({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
-        "intermediate_size": cfg.ffn_hidden, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size,
+        "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size,
         "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "rope_scaling": scaling,
         "max_position_embeddings": max_pos or out.get("max_position_embeddings") or 2048,  # 2048: HF's default
         "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
@@ -233,7 +234,7 @@ def load_hf_weights(model: Llama, path: str) -> None:
                     raise HFCheckpointError(
                         f"tensor {key!r} in {os.path.join(path, name)} has shape {list(tensor.shape)} but config.json "
                         f"(hidden_size={model.cfg.dim}, num_attention_heads={model.cfg.n_heads}, num_key_value_heads="
-                        f"{model.cfg.n_kv_heads}, intermediate_size={model.cfg.ffn_hidden}, vocab_size="
+                        f"{model.cfg.kv_heads}, intermediate_size={model.cfg.ffn_dim}, vocab_size="
                         f"{model.cfg.vocab_size}) implies {list(param.shape)} for {ours}.")
                 if hasattr(param, "device_mesh"):
                     # FSDP2 DTensor: every rank read the full tensor, so each keeps its own shard with no
@@ -268,7 +269,11 @@ def load_hf(path: str, *, rope_scaling: Union[dict, None, str] = "checkpoint", a
 
 def resolve_init_from(cfg: ModelConfig) -> ModelConfig:
     """For ``model.init_from``: the model config of that HF checkpoint, keeping ``cfg.rope_scaling``
-    (and ``cfg.max_position_embeddings``) when set, so an experiment only names the scaling."""
+    (and ``cfg.max_position_embeddings``) when set, so an experiment only names the scaling.
+
+    A new config (``cfg`` is frozen), built once by ``seqpar.train.resolve.resolve_config``; idempotent,
+    so resolving a resolved config changes nothing. Raises HFCheckpointError naming the file and field.
+    """
     hf = read_hf_config(cfg.init_from)
     overrides = {"init_from": cfg.init_from}
     if cfg.rope_scaling is not None:

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from seqpar.config import ConfigError, ModelConfig
+from seqpar.errors import ConfigError
 from seqpar.ops.loss import chunked_cross_entropy
 from seqpar.ops.rope import apply_rope, compute_inv_freq, rope_cos_sin
+
+if TYPE_CHECKING:
+    from seqpar.config import ModelConfig
 
 # attn_fn(q [B,S,H,D], k [B,S,Hkv,D], v [B,S,Hkv,D], *, causal, softmax_scale) -> [B,S,H,D]
 AttnFn = Callable[..., torch.Tensor]
@@ -59,26 +62,38 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: ModelConfig, attn_fn: AttnFn):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.attn_fn = attn_fn
         # 1/sqrt(D) always: a RoPE attention_scale (YaRN mscale) is already folded into cos/sin, as in
         # HF, so applying it here too would scale the logits twice.
         self.softmax_scale = 1.0 / math.sqrt(cfg.head_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """``x [B, S, dim] -> q [B, S, H, D], k [B, S, Hkv, D], v [B, S, Hkv, D]``, RoPE applied to q and k."""
         B, S, _ = x.shape
         q = self.wq(x).view(B, S, self.n_heads, self.head_dim)  # [B, S, H*D] -> [B, S, H, D]
         k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim)  # [B, S, Hkv*D] -> [B, S, Hkv, D]
         v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim)
-        q, k = self.rope_fn(q, cos, sin), self.rope_fn(k, cos, sin)
+        return self.rope_fn(q, cos, sin), self.rope_fn(k, cos, sin), v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The injected ``attn_fn``: ``q [B,S,H,D], k/v [B,S,Hkv,D] -> out [B,S,H,D]``."""
         # k/v stay un-expanded: the attention kernel (and ring attention, which ships k/v around the
         # ring) handles GQA, so we never send n_heads/n_kv_heads times more bytes than needed.
-        out = self.attn_fn(q, k, v, causal=True, softmax_scale=self.softmax_scale)  # [B, S, H, D]
+        return self.attn_fn(q, k, v, causal=True, softmax_scale=self.softmax_scale)
+
+    def project(self, out: torch.Tensor) -> torch.Tensor:
+        """Output projection ``out [B, S, H, D] -> [B, S, dim]``."""
+        B, S = out.shape[:2]
         return self.wo(out.reshape(B, S, self.n_heads * self.head_dim))  # [B, S, H, D] -> [B, S, H*D]
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``x [B, S, dim] -> [B, S, dim]``; the block calls the three steps itself (see TransformerBlock)."""
+        return self.project(self.attend(*self.qkv(x, cos, sin)))
 
 
 class FeedForward(nn.Module):
@@ -94,19 +109,45 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def _call(step: Callable, *args):
+    return step(*args)
+
+
 class TransformerBlock(nn.Module):
-    """Pre-norm block: ``h + attn(norm(h))`` then ``h + ffn(norm(h))``. The unit FSDP2 and AC wrap."""
+    """Pre-norm block: ``h + attn(norm(h))`` then ``h + ffn(norm(h))``. The unit FSDP2 and AC wrap.
+
+    The forward is three named sub-steps so activation checkpointing can recompute around the
+    attention instead of through it (:mod:`seqpar.models.checkpointing`): :meth:`pre_attention`
+    (norm, projections, RoPE), the attention call, :meth:`post_attention` (output projection,
+    residual, norm, MLP, residual). There is one definition of the block: this forward.
+    """
+
+    # How the two non-attention sub-steps run: ``recompute(step, *args)`` returns ``step(*args)``. A
+    # plain call here; train.ac=selective installs, per instance, a checkpoint with an op-level policy.
+    # The attention call never goes through it: under context parallelism a recompute would rerun the
+    # whole ring, communication included.
+    recompute = staticmethod(_call)
 
     def __init__(self, cfg: ModelConfig, attn_fn: AttnFn):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg, attn_fn)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
+
+    def pre_attention(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """``h [B, S, dim] -> q [B, S, H, D], k [B, S, Hkv, D], v [B, S, Hkv, D]``."""
+        return self.attention.qkv(self.attention_norm(h), cos, sin)
+
+    def post_attention(self, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``h [B, S, dim]`` (block input), ``out [B, S, H, D]`` (attention output) ``-> [B, S, dim]``."""
+        h = h + self.attention.project(out)
+        return h + self.feed_forward(self.ffn_norm(h))
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = h + self.attention(self.attention_norm(h), cos, sin)
-        return h + self.feed_forward(self.ffn_norm(h))
+        q, k, v = self.recompute(self.pre_attention, h, cos, sin)
+        out = self.attention.attend(q, k, v)  # [B, S, H, D]
+        return self.recompute(self.post_attention, h, out)
 
 
 class Llama(nn.Module):
@@ -248,8 +289,8 @@ class Llama(nn.Module):
         causal-skipping kernel actually does (some MFU reports use the full 12; ours is conservative).
         """
         c = self.cfg
-        kv_dim = c.n_kv_heads * c.head_dim
-        per_layer = c.dim * c.dim * 2 + c.dim * kv_dim * 2 + 3 * c.dim * c.ffn_hidden  # wq, wo, wk, wv, w1..3
+        kv_dim = c.kv_heads * c.head_dim
+        per_layer = c.dim * c.dim * 2 + c.dim * kv_dim * 2 + 3 * c.dim * c.ffn_dim  # wq, wo, wk, wv, w1..3
         n_matmul = c.n_layers * per_layer + c.vocab_size * c.dim
         attn = (6 if causal else 12) * c.n_layers * c.dim * seq_len
         return float(6 * n_matmul + attn)

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from seqpar.config import ConfigError
+from seqpar.errors import ConfigError
 
 
 def _default_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
@@ -207,6 +207,22 @@ def compute_inv_freq(
         )
     inv_freq, attention_scale = fn(head_dim, theta, scaling, seq_len)
     return inv_freq.float(), float(attention_scale)
+
+
+def validate_scaling(scaling: Optional[dict], head_dim: int, theta: float) -> None:
+    """Check a ``model.rope_scaling`` value at config time (``seqpar.config.ModelConfig``), so a bad
+    scaling fails before any model is built. None means plain RoPE.
+
+    Raises:
+        ConfigError: not a dict with a ``rope_type`` (or legacy ``type``) key, an unknown type, a missing
+        key, ``factor < 1`` or a non-numeric value, naming ``model.rope_scaling.<key>``.
+    """
+    if scaling is None:
+        return
+    if not (isinstance(scaling, dict) and ("rope_type" in scaling or "type" in scaling)):
+        raise ConfigError("model.rope_scaling must be a dict with a 'rope_type' key "
+                          "(e.g. {rope_type: yarn, factor: 4}), or null for plain RoPE.")
+    compute_inv_freq(head_dim, theta, dict(scaling))  # the tables are tiny; building them runs every check
 
 
 def rope_cos_sin(

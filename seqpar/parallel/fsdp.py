@@ -1,13 +1,8 @@
-"""FSDP2 wrapping and activation-checkpointing policies for the Llama decoder.
-
-Order (as in torchtitan): model surgery (BPT blockwise MLP) -> torch.compile (``train.compile``) ->
-activation checkpointing -> FSDP.
-AC wraps each block's *forward*; FSDP2's hooks run around it, so a recompute in backward runs while
-FSDP holds the block's all-gathered weights.
+"""FSDP2 wrapping: parameter/gradient/optimizer sharding over the run's mesh, gradients summed.
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``) shards parameters, gradients and optimizer state
-(ZeRO-3) per Transformer block plus a root unit (embedding, final norm, head). Its mesh
-(:func:`fsdp_mesh`) is one of
+(ZeRO-3) per Transformer block plus a root unit (embedding, final norm, head). Its DeviceMesh comes
+from the run's :class:`~seqpar.parallel.mesh.Mesh` (which owns every process group), per mode:
 
 * ``dp_cp``: a 1-D mesh over all ``dp * cp`` ranks: everything sharded ``world``-ways; the
   reduce-scatter sums gradients over dp (different rows) and cp (different tokens) at once;
@@ -17,102 +12,37 @@ FSDP2 (``torch.distributed.fsdp.fully_shard``) shards parameters, gradients and 
 
 Gradients are SUMMED, not averaged: the trainer divides each rank's loss sum by the global token
 count, so the sum over ranks is exactly the gradient of the global mean loss for any mesh.
+
+This module knows no model: it wraps ``model.layers`` and the root. The model-specific order (BPT
+MLP -> compile -> activation checkpointing -> FSDP) is :func:`seqpar.models.parallelize.parallelize`.
 """
 from __future__ import annotations
 
-import functools
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
-from seqpar.models.blockwise import apply_blockwise_ffn
-from seqpar.models.compile import compile_model
-from seqpar.models.llama import Attention, TransformerBlock
-from seqpar.parallel.mesh import Mesh
+if TYPE_CHECKING:
+    from seqpar.parallel.mesh import Mesh
 
-AC_POLICIES = ("none", "full", "selective")
 FSDP_MODES = ("dp_cp", "dp", "none")
-
-
-# ------------------------------------------------------------------------------ activation checkpointing
-def _full_forward(block_forward, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # Keeps only the block input h [B, S, dim] (cos/sin are shared by all blocks); backward reruns
-    # the whole block, ring attention included, in the same order on every rank.
-    return checkpoint(block_forward, h, cos, sin, use_reentrant=False)
-
-
-def _qkv(block: TransformerBlock, h, cos, sin):
-    """Mirror of ``Attention.forward`` up to the attention call: ``h [B,S,dim] -> q [B,S,H,D], k, v [B,S,Hkv,D]``."""
-    attn = block.attention
-    B, S, _ = h.shape
-    x = block.attention_norm(h)
-    q = attn.wq(x).view(B, S, attn.n_heads, attn.head_dim)
-    k = attn.wk(x).view(B, S, attn.n_kv_heads, attn.head_dim)
-    v = attn.wv(x).view(B, S, attn.n_kv_heads, attn.head_dim)
-    return attn.rope_fn(q, cos, sin), attn.rope_fn(k, cos, sin), v
-
-
-def _out_and_mlp(block: TransformerBlock, h, out):
-    """Mirror of the rest of ``TransformerBlock.forward``: ``h [B,S,dim], out [B,S,H,D] -> [B,S,dim]``."""
-    B, S, _ = h.shape
-    h = h + block.attention.wo(out.reshape(B, S, -1))  # [B, S, H, D] -> [B, S, H*D]
-    return h + block.feed_forward(block.ffn_norm(h))
-
-
-def _selective_forward(block: TransformerBlock, h, cos, sin):
-    # Save what is expensive to recompute and cheap to keep under context parallelism: the attention
-    # inputs q/k/v and its out/lse (recomputing them would rerun the ring, comms included). Norms,
-    # projections, RoPE and the MLP (the bulk of a layer's activations) are recomputed.
-    attn = block.attention
-    q, k, v = checkpoint(_qkv, block, h, cos, sin, use_reentrant=False)
-    out = attn.attn_fn(q, k, v, causal=True, softmax_scale=attn.softmax_scale)  # [B, S, H, D]
-    return checkpoint(_out_and_mlp, block, h, out, use_reentrant=False)
-
-
-def apply_ac(model: nn.Module, policy: str) -> None:
-    """Activation checkpointing per Transformer block of ``model.layers``.
-
-    ``none``: keep everything; ``full``: keep only each block's input; ``selective``: keep the
-    attention inputs/outputs, recompute the rest. Parameter names are unchanged (the block's
-    ``forward`` is wrapped in place, no wrapper module).
-
-    Raises:
-        ValueError: unknown policy, or ``selective`` on a block that is not the stock Llama block
-            (its forward is mirrored here, so a changed block must use ``full``).
-    """
-    if policy not in AC_POLICIES:
-        raise ValueError(f"train.ac={policy!r} is not one of {list(AC_POLICIES)}.")
-    if policy == "none":
-        return
-    for block in model.layers:
-        if policy == "full":
-            block.forward = functools.partial(_full_forward, block.forward)
-            continue
-        if type(block).forward is not TransformerBlock.forward or type(block.attention).forward is not Attention.forward:
-            raise ValueError(f"train.ac=selective mirrors the stock Llama block but got {type(block).__name__} / "
-                             f"{type(block.attention).__name__}; use train.ac=full.")
-        block.forward = functools.partial(_selective_forward, block)
 
 
 # -------------------------------------------------------------------------------------------------- FSDP
 def fsdp_mesh(mesh: Mesh, mode: str):
     """The DeviceMesh FSDP2 shards over for ``mode`` (see the module docstring); None: no FSDP.
 
-    Collective when it returns a mesh: every rank must call it, in the same order.
+    The mesh owns it: created on first use (collective: every rank calls, in the same order), then
+    shared by every model sharded on this mesh.
     """
     if mode not in FSDP_MODES:
         raise ValueError(f"parallel.fsdp={mode!r} is not one of {list(FSDP_MODES)}.")
     if mode == "none" or mesh.world_size == 1:
         return None
-    from torch.distributed.device_mesh import DeviceMesh
-
-    ranks = torch.arange(mesh.world_size)
     if mode == "dp_cp" or mesh.cp == 1:
-        return DeviceMesh(mesh.device.type, ranks, mesh_dim_names=("dp_cp",))
-    # FSDP2 reads a 2-D mesh as (replicate, shard): transpose [dp, cp] so cp is the replicate dim.
-    return DeviceMesh(mesh.device.type, ranks.view(mesh.dp, mesh.cp).t(), mesh_dim_names=("cp", "dp"))
+        return mesh.flat_device_mesh()
+    return mesh.hsdp_device_mesh()
 
 
 def _sum_gradients(model: nn.Module) -> None:
@@ -147,27 +77,3 @@ def apply_fsdp(model: nn.Module, dmesh, *, param_dtype: Optional[torch.dtype] = 
     # which the chunked loss (called after forward, reading the head weight) relies on.
     fully_shard(model, mesh=dmesh, mp_policy=mp)
     _sum_gradients(model)
-
-
-def parallelize(model: nn.Module, mesh: Mesh, *, fsdp: str = "dp_cp", ac: str = "none", ffn_chunk: int = 0,
-                param_dtype: Optional[torch.dtype] = None, compile: bool = False,
-                compile_backend: str = "inductor") -> Optional[object]:
-    """BPT MLP -> torch.compile of the element-wise parts -> activation checkpointing -> FSDP2, in place.
-
-    Args:
-        model: a :class:`~seqpar.models.llama.Llama` (real or meta weights).
-        mesh: the run's mesh. fsdp / ac / ffn_chunk / compile: ``parallel.fsdp``, ``train.ac``,
-            ``train.ffn_chunk``, ``train.compile`` (:func:`seqpar.models.compile.compile_model` with
-            ``compile_backend``).
-        param_dtype: FSDP compute dtype (bf16 on GPU); gradients are reduced in fp32 either way.
-    Returns:
-        The FSDP DeviceMesh, or None when the model is not sharded (1 process, or ``fsdp=none``).
-    """
-    apply_blockwise_ffn(model, ffn_chunk)
-    if compile:
-        compile_model(model, backend=compile_backend)
-    apply_ac(model, ac)
-    dmesh = fsdp_mesh(mesh, fsdp)
-    if dmesh is not None:
-        apply_fsdp(model, dmesh, param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
-    return dmesh

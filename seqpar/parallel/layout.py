@@ -17,13 +17,16 @@ shard a whole batch; :func:`unshard_sequence` all-gathers over the group.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from einops import rearrange
 from torch import Tensor
 
-from seqpar.config import LAYOUTS  # one list of layout names for config and library
+# The one list of layout names: seqpar.config imports it to validate parallel.layout.
+LAYOUTS = ("zigzag", "striped", "contiguous")
 
 
 def required_multiple(world_size: int, layout: str) -> int:
@@ -45,6 +48,30 @@ def check_divisible(seq_len: int, world_size: int, layout: str) -> None:
             f"needs a multiple of {need}; pad or crop to {need * max(1, seq_len // need)}.")
 
 
+def _rank_pieces(x3: Tensor, rank: int, world_size: int, layout: str) -> list[Tensor]:
+    """Views into ``x3 [P, S, Q]`` (sequence in the middle) of the tokens ``rank`` holds, in local order.
+
+    The one definition of every layout: :func:`shard_sequence` reads these views, :func:`gather_shards`
+    writes into them and :func:`local_positions` applies them to ``arange(S)``, so the three agree by
+    construction. Views only (no copy): a writer's ``copy_`` lands in ``x3``.
+    """
+    if layout == "contiguous":  # token l + r*L on rank r
+        return [rearrange(x3, "p (n l) q -> n p l q", n=world_size)[rank]]
+    if layout == "striped":  # token l*N + r on rank r
+        return [rearrange(x3, "p (l n) q -> n p l q", n=world_size)[rank]]
+    if layout != "zigzag":
+        raise ValueError(f"layout={layout!r} is not one of {list(LAYOUTS)}.")
+    # 2N chunks of C: chunk h*N + i sits at [h, i]; rank r keeps chunk r and its mirror 2N-1-r.
+    chunks = rearrange(x3, "p (h n c) q -> h n p c q", h=2, n=world_size)  # [2, N, P, C, Q]
+    return [chunks[0, rank], chunks[1, world_size - 1 - rank]]
+
+
+def _seq_middle(x: Tensor, dim: int) -> Tensor:
+    """``x [*pre, S, *post]`` as ``[prod(pre), S, prod(post)]`` (a view when ``x`` is contiguous), so the
+    layout patterns name only the sequence axis whatever ``dim`` is."""
+    return x.reshape(math.prod(x.shape[:dim]), x.shape[dim], math.prod(x.shape[dim + 1:]))
+
+
 def local_positions(seq_len: int, rank: int, world_size: int, layout: str = "zigzag",
                     device: Optional[torch.device] = None) -> Tensor:
     """Global positions of the tokens that ``rank`` holds, in local order.
@@ -55,15 +82,10 @@ def local_positions(seq_len: int, rank: int, world_size: int, layout: str = "zig
     check_divisible(seq_len, world_size, layout)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} is outside [0, {world_size}).")
-    local = seq_len // world_size
-    if layout == "contiguous" or world_size == 1:
-        return torch.arange(rank * local, (rank + 1) * local, device=device)
-    if layout == "striped":
-        return torch.arange(rank, seq_len, world_size, device=device)
-    chunk = seq_len // (2 * world_size)  # zigzag
-    first = torch.arange(rank * chunk, (rank + 1) * chunk, device=device)
-    mirror = 2 * world_size - 1 - rank
-    return torch.cat([first, torch.arange(mirror * chunk, (mirror + 1) * chunk, device=device)])
+    positions = torch.arange(seq_len, device=device)
+    if world_size == 1:
+        return positions
+    return torch.cat(_rank_pieces(positions.view(1, seq_len, 1), rank, world_size, layout), dim=1).flatten()
 
 
 def _group_coords(group, rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
@@ -94,15 +116,10 @@ def shard_sequence(x: Tensor, dim: int, group=None, layout: str = "zigzag", rank
     check_divisible(s, world_size, layout)
     if world_size == 1:
         return x
-    local = s // world_size
-    if layout == "contiguous":
-        return x.narrow(dim, rank * local, local).contiguous()
-    if layout == "striped":
-        # [.., S, ..] -> [.., S/N, N, ..]: token i = a*N + r sits at (a, r).
-        return x.unflatten(dim, (local, world_size)).select(dim + 1, rank).contiguous()
-    chunk = local // 2
-    mirror = 2 * world_size - 1 - rank
-    return torch.cat([x.narrow(dim, rank * chunk, chunk), x.narrow(dim, mirror * chunk, chunk)], dim=dim)
+    pieces = _rank_pieces(_seq_middle(x, dim), rank, world_size, layout)  # views [P, L or L/2, Q]
+    local = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)  # [P, L, Q]
+    # One copy at most (none for a contiguous block that already is contiguous), as narrow/cat did.
+    return local.contiguous().view(*x.shape[:dim], s // world_size, *x.shape[dim + 1:])
 
 
 def gather_shards(shards: Sequence[Tensor], dim: int, layout: str = "zigzag") -> Tensor:
@@ -115,16 +132,17 @@ def gather_shards(shards: Sequence[Tensor], dim: int, layout: str = "zigzag") ->
     dim = dim % shards[0].dim()
     if n == 1:
         return shards[0]
-    if layout == "contiguous":
-        return torch.cat(list(shards), dim=dim)
-    if layout == "striped":
-        return torch.stack(list(shards), dim=dim + 1).flatten(dim, dim + 1)  # (a, r) -> a*N + r
-    if layout != "zigzag":
-        raise ValueError(f"layout={layout!r} is not one of {list(LAYOUTS)}.")
-    chunk = shards[0].shape[dim] // 2
-    firsts = [s.narrow(dim, 0, chunk) for s in shards]  # chunks 0 .. N-1
-    mirrors = [s.narrow(dim, chunk, chunk) for s in reversed(shards)]  # chunks N .. 2N-1
-    return torch.cat(firsts + mirrors, dim=dim)
+    shape = list(shards[0].shape)
+    shape[dim] *= n
+    full = shards[0].new_empty(shape)
+    # Each rank's tokens go back through the same views shard_sequence reads them from: one copy.
+    for rank, shard in enumerate(shards):
+        parts = _seq_middle(shard, dim).chunk(2 if layout == "zigzag" else 1, dim=1)  # zigzag: 2 chunks
+        for i, part in enumerate(parts):
+            # A fresh view per copy: one taken before `full` joined the autograd graph (the first copy_
+            # of a shard that requires grad) would count as a leaf and refuse the in-place write.
+            _rank_pieces(_seq_middle(full, dim), rank, n, layout)[i].copy_(part)
+    return full
 
 
 def unshard_sequence(x_local: Tensor, dim: int, group=None, layout: str = "zigzag") -> Tensor:

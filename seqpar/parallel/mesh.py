@@ -7,22 +7,32 @@ by the sbatch script), or as a single process with no environment at all.
 The mesh is ``[dp, cp]`` with cp innermost, so the ranks of one context-parallel ring are adjacent
 (on one node when cp <= GPUs per node, where the ring's send/recv runs over NVLink). Global rank
 ``r`` sits at ``(dp_rank, cp_rank) = divmod(r, cp)``. Every group derives from one
-``torch.distributed.device_mesh.DeviceMesh`` with named dims ``("dp", "cp")``; FSDP2 takes its mesh
-from here too (:func:`seqpar.parallel.fsdp.fsdp_mesh`).
+``torch.distributed.device_mesh.DeviceMesh`` with named dims ``("dp", "cp")``. The mesh owns every
+process group of a run: the dp and cp groups, the gloo CPU group the trainer and checkpointer
+coordinate over, and the DeviceMeshes FSDP2 shards over (:func:`seqpar.parallel.fsdp.fsdp_mesh`),
+each created once, in the same order on every rank.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 import torch.distributed as dist
 
-from seqpar.config import ParallelConfig
-
 MESH_DIMS = ("dp", "cp")
+
+
+class MeshSpec(Protocol):
+    """What :func:`init_mesh` reads of ``seqpar.config.ParallelConfig``. Structural, so this module
+    imports no config: ``seqpar.config`` imports ``seqpar.parallel.fsdp``, which imports this module."""
+
+    dist_backend: str  # auto | nccl | gloo
+
+    def resolve(self, world_size: int) -> tuple[int, int]:
+        """``(dp, cp)`` for ``world_size`` processes; raises ConfigError naming the fix."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,10 @@ class Mesh:
     dp_group: Optional[dist.ProcessGroup] = None  # None only for a single process
     cp_group: Optional[dist.ProcessGroup] = None  # None only for a single process
     device_mesh: Optional["torch.distributed.device_mesh.DeviceMesh"] = None  # [dp, cp]; None for 1 process
+    # gloo over all ranks, for coordination that must not touch the GPU stream: checkpoint saves (async
+    # saves run collectives from a thread) and the per-step stop agreement. None for 1 process.
+    cpu_group: Optional[dist.ProcessGroup] = None
+    _fsdp_meshes: dict = field(default_factory=dict, repr=False, compare=False)  # name -> DeviceMesh
 
     @property
     def dp_rank(self) -> int:
@@ -75,6 +89,23 @@ class Mesh:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def flat_device_mesh(self):
+        """1-D DeviceMesh ``("dp_cp",)`` over all ranks (FSDP ``dp_cp``). Collective on first call; cached."""
+        return self._fsdp_mesh("dp_cp", lambda ranks: ranks, ("dp_cp",))
+
+    def hsdp_device_mesh(self):
+        """2-D DeviceMesh ``("cp", "dp")``: cp replicates, dp shards (FSDP ``dp``). Collective on first call; cached."""
+        # FSDP2 reads a 2-D mesh as (replicate, shard): transpose [dp, cp] so cp is the replicate dim.
+        return self._fsdp_mesh("cp_dp", lambda ranks: ranks.view(self.dp, self.cp).t(), ("cp", "dp"))
+
+    def _fsdp_mesh(self, key: str, arrange, names: tuple):
+        if key not in self._fsdp_meshes:
+            from torch.distributed.device_mesh import DeviceMesh
+
+            ranks = torch.arange(self.world_size)  # [world]
+            self._fsdp_meshes[key] = DeviceMesh(self.device.type, arrange(ranks), mesh_dim_names=names)
+        return self._fsdp_meshes[key]
 
     def describe(self) -> str:
         return (f"world={self.world_size} mesh=[dp={self.dp}, cp={self.cp}] rank={self.rank} "
@@ -90,8 +121,9 @@ def pick_device(kind: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_mesh(cfg: ParallelConfig, device_kind: str = "auto", timeout_s: float = 600.0) -> Mesh:
-    """Initialise the default process group (if world > 1 and not done yet) and the ``[dp, cp]`` mesh.
+def init_mesh(cfg: MeshSpec, device_kind: str = "auto", timeout_s: float = 600.0) -> Mesh:
+    """Initialise the default process group (if world > 1 and not done yet), the ``[dp, cp]`` mesh and
+    the gloo CPU group. Collective: every rank calls it once per mesh, in the same order.
 
     Raises ConfigError (from ``cfg.resolve``) when ``dp * cp`` does not match the world size.
     """
@@ -112,7 +144,9 @@ def init_mesh(cfg: ParallelConfig, device_kind: str = "auto", timeout_s: float =
         dist.init_process_group(**kwargs)
     # Collective: every rank builds the same mesh (torch.distributed creates subgroups in lockstep).
     dm = init_device_mesh(device.type, (dp, cp), mesh_dim_names=MESH_DIMS)
-    return Mesh(dp, cp, env.rank, env.world_size, device, dm.get_group("dp"), dm.get_group("cp"), dm)
+    cpu_group = dist.new_group(backend="gloo")
+    return Mesh(dp, cp, env.rank, env.world_size, device, dm.get_group("dp"), dm.get_group("cp"), dm,
+                cpu_group=cpu_group)
 
 
 def destroy_mesh() -> None:

@@ -14,10 +14,16 @@ Causal masks come from the layout (:func:`plan_step`): every layout stores its t
 global order, so between two ranks' blocks the global mask is either empty, full, or a causal
 diagonal in local indices; each step is one or no kernel call of the kind every kernel supports
 (non-causal, or causal with ``Sq == Sk`` and zero offsets).
+
+The local kernel is a registry record (:func:`seqpar.ops.attention.registry.select`): its declared
+abilities decide whether the ring uses in-kernel accumulators (``ring_accumulators``) and whether the
+backward passes the global delta, so a gradient through lse can be folded in (``lse_grad``).
+A ``Mask`` may be given instead of ``causal``; in this step only causal/full masks go through the ring
+(documents, windows, sinks and block-sparse masks raise one ValueError on every rank, before any
+communication).
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -26,7 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from seqpar.ops.attention import kernel_pair, resolve_backend
+from seqpar.ops.attention import LocalMask, Mask, select
+from seqpar.ops.attention.registry import Backend
 from seqpar.ops.merge import merge_attention
 from seqpar.parallel.layout import LAYOUTS, required_multiple
 from seqpar.parallel.ring import RingComm
@@ -133,20 +140,33 @@ def validate_inputs(q: Tensor, k: Tensor, v: Tensor, group, layout: str) -> None
                          f"{need}: layout={layout} needs a multiple of {need} (an even local length).")
 
 
-def _takes(fn: Callable, name: str) -> bool:
-    """Whether a kernel function accepts keyword ``name`` (the Triton kernel's in-place accumulators)."""
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
+_LOCAL = {False: LocalMask(causal=False), True: LocalMask(causal=True)}  # aligned diagonal or full
 
 
-def _ring_forward(q, k, v, comm: RingComm, rank, n, layout, causal, scale, fwd):
+def ring_causal(causal: bool, mask: Optional[Mask]) -> bool:
+    """The ``causal`` flag of the ring from ``causal`` or a ``Mask``; raises the same ValueError on every
+    rank (it depends only on the arguments) for masks the ring does not take yet, before any comms."""
+    if mask is None:
+        return bool(causal)
+    if not isinstance(mask, Mask):
+        raise ValueError(f"mask must be a seqpar.ops.Mask; got {type(mask).__name__}.")
+    if causal:
+        raise ValueError("pass either causal=True or mask=Mask(...), not both; the Mask carries causal.")
+    extra = mask.kinds - {"causal"}
+    if extra:
+        raise ValueError(f"ring_attention takes only causal or full masks for now; got {sorted(extra)}: "
+                         "document/window/sink/block-sparse masks through the ring arrive with the mask work; "
+                         "use parallel.cp=1 (single-device attention_with_lse(mask=...)) or a causal/full Mask.")
+    return mask.causal
+
+
+def _ring_forward(q, k, v, comm: RingComm, rank, n, layout, causal, scale, record: Backend):
     """Returns out ``[B, L, H, D]`` and lse ``[B, H, L]``, both in the accumulation dtype (fp32/fp64)."""
     b, L, h, d = q.shape
     acc = torch.promote_types(q.dtype, torch.float32)
     # A kernel that merges into running fp32 (out, lse) in place saves the separate merge pass.
-    fused = _takes(fwd, "out_acc") and acc == torch.float32
+    fused = record.ring_accumulators and acc == torch.float32
+    fwd = record.forward
     out = lse = None
     kv = [k, v]
     for step in range(n):
@@ -155,7 +175,7 @@ def _ring_forward(q, k, v, comm: RingComm, rank, n, layout, causal, scale, fwd):
             qs, ks = slice(c.q_start, c.q_end), slice(c.k_start, c.k_end)
             all_rows = c.q_start == 0 and c.q_end == L
             extra = dict(out_acc=out, lse_acc=lse) if fused and all_rows and out is not None else {}
-            o, l = fwd(q[:, qs], kv[0][:, ks], kv[1][:, ks], causal=c.causal, softmax_scale=scale, **extra)
+            o, l = fwd(q[:, qs], kv[0][:, ks], kv[1][:, ks], _LOCAL[c.causal], softmax_scale=scale, **extra)
             if extra:
                 out, lse = o, l  # merged in place by the kernel
             elif out is None and all_rows:
@@ -183,11 +203,12 @@ def _fresh(t: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)  # one pass: cast and re-layout
 
 
-def _ring_backward(dout, q, k, v, out, lse, delta, group, rank, n, layout, causal, scale, bwd):
+def _ring_backward(dout, q, k, v, out, lse, delta, group, rank, n, layout, causal, scale, record: Backend):
     """Returns dq ``[B, L, H, D]`` in the accumulation dtype and dk, dv ``[B, L, Hkv, D]`` in k's dtype."""
     L = q.shape[1]
     acc = torch.promote_types(q.dtype, torch.float32)
-    fused = _takes(bwd, "dq_acc") and acc == torch.float32  # kernel adds into fp32 buffers in place
+    fused = record.ring_accumulators and acc == torch.float32  # kernel adds into fp32 buffers in place
+    bwd = record.backward
     kv_comm, dkv_comm = RingComm(group), RingComm(group)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device) if fused else None
     kv, dkv_handle = [k, v], None
@@ -206,9 +227,10 @@ def _ring_backward(dout, q, k, v, out, lse, delta, group, rank, n, layout, causa
             dq_view = None if dq is None else dq[:, qs]  # strided views, unit last stride
             dk_view, dv_view = (None, None) if dk is None else (dk[:, ks], dv[:, ks])
             extra = dict(dq_acc=dq_view, dk_acc=dk_view, dv_acc=dv_view) if fused else {}
+            if record.takes_delta:
+                extra["delta"] = delta[:, :, qs]
             dq_b, dk_b, dv_b = bwd(dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs], lse[:, :, qs],
-                                   causal=c.causal, softmax_scale=scale,
-                                   delta=None if delta is None else delta[:, :, qs], **extra)
+                                   _LOCAL[c.causal], softmax_scale=scale, **extra)
             # A kernel that added into the given views returns them; otherwise add its fresh results.
             if dq is None:
                 dq = _fresh(dq_b, acc)
@@ -239,25 +261,25 @@ class RingAttentionFn(torch.autograd.Function):
     """Ring forward/backward on local shards; saves q, k, v, out (q's dtype) and the global lse."""
 
     @staticmethod
-    def forward(ctx, q, k, v, group, causal, scale, layout, backend, fwd, bwd):
+    def forward(ctx, q, k, v, group, causal, scale, layout, record):
         rank, n = _coords(group)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the ring sends whole tensors
-        out, lse = _ring_forward(q, k, v, RingComm(group), rank, n, layout, causal, scale, fwd)
+        out, lse = _ring_forward(q, k, v, RingComm(group), rank, n, layout, causal, scale, record)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (group, rank, n, layout, causal, scale, backend, bwd)
+        ctx.args = (group, rank, n, layout, causal, scale, record)
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        group, rank, n, layout, causal, scale, backend, bwd = ctx.args
+        group, rank, n, layout, causal, scale, record = ctx.args
         acc = torch.promote_types(q.dtype, torch.float32)
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
-        if backend.startswith("sdpa_"):
+        if not record.takes_delta:
             if dlse is not None:
-                raise NotImplementedError(f"backend={backend} recomputes delta inside the fused kernel, so a "
+                raise NotImplementedError(f"backend={record.name} recomputes delta inside the fused kernel, so a "
                                           "gradient through lse is not supported; use backend='torch' or 'triton'.")
             delta = None  # the fused kernels compute it from (dout, out) themselves
         else:
@@ -265,8 +287,8 @@ class RingAttentionFn(torch.autograd.Function):
             if dlse is not None:
                 # d lse_i / d s_ij = p_ij, so an lse gradient adds dlse_i * p_ij to dS: fold it into delta.
                 delta = delta - dlse.to(acc)
-        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, delta, group, rank, n, layout, causal, scale, bwd)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
+        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, delta, group, rank, n, layout, causal, scale, record)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
 def ring_attention_with_lse(
@@ -280,29 +302,30 @@ def ring_attention_with_lse(
     layout: str = "zigzag",
     backend: str = "auto",
     validate: bool = True,
+    mask: Optional[Mask] = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact attention over the sequence sharded across ``group`` by ``layout``, with its lse.
 
     Args: local shards as produced by ``shard_sequence(x, dim=1, group, layout)``: q ``[B, L, H, D]``,
     k/v ``[B, L, Hkv, D]`` with ``H % Hkv == 0`` (GQA K/V travel un-expanded); ``group`` the cp group
     (``None``: default group, or a ring of one without torch.distributed); ``causal`` on global
-    positions; ``softmax_scale`` defaults to ``1/sqrt(D)``; ``backend`` the local kernel ("auto",
+    positions (or ``mask=Mask(causal=...)``: causal/full only in this step); ``softmax_scale`` defaults to ``1/sqrt(D)``; ``backend`` the local kernel ("auto",
     "torch", "triton", "sdpa_flash", "sdpa_cudnn"); ``validate`` gathers the shapes of every rank
     first (one tiny all_gather and a host sync) so bad input raises everywhere instead of hanging.
     Returns out ``[B, L, H, D]`` (q's dtype) and lse ``[B, H, L]`` (fp32, fp64 for fp64 inputs;
     natural log; -inf with out 0 for a row that sees no key). Differentiable in q, k, v (and through
     lse for the torch/triton backends).
     Raises ValueError (on every rank) for shapes that differ across ranks, heads not divisible by
-    kv heads, or a global length the layout cannot split.
+    kv heads, a global length the layout cannot split, or a Mask kind the ring does not take yet.
     """
+    causal = ring_causal(causal, mask)
     if validate:
         validate_inputs(q, k, v, group, layout)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     # Every call the ring makes is non-causal or an aligned causal diagonal of equal lengths, so
     # resolving on the whole shard with causal=True picks a kernel that can run all of them.
-    name = resolve_backend(backend, q, k, causal=causal)
-    fwd, bwd = kernel_pair(name, q, k, causal=causal)
-    return RingAttentionFn.apply(q, k, v, group, causal, scale, layout, name, fwd, bwd)
+    record = select(backend, q, k, _LOCAL[causal])
+    return RingAttentionFn.apply(q, k, v, group, causal, scale, layout, record)
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
@@ -312,7 +335,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
 
 def make_ring_attn_fn(group=None, layout: str = "zigzag", backend: str = "auto",
                       validate: str = "always") -> Callable[..., Tensor]:
-    """The model's injected attention, ``attn_fn(q, k, v, *, causal, softmax_scale) -> out [B, L, H, D]``.
+    """The model's injected attention, ``attn_fn(q, k, v, *, causal, softmax_scale, mask=None) -> out [B, L, H, D]``.
 
     ``validate="always"`` checks shapes across ranks on every call (a host sync per layer);
     ``"first"`` only the first time each shape signature is seen, which is safe while every rank sees
@@ -322,11 +345,13 @@ def make_ring_attn_fn(group=None, layout: str = "zigzag", backend: str = "auto",
         raise ValueError(f"validate={validate!r} is not one of ['always', 'first', 'never'].")
     seen: set = set()
 
-    def attn_fn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, softmax_scale: Optional[float]) -> Tensor:
+    def attn_fn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax_scale: Optional[float] = None,
+                mask: Optional[Mask] = None) -> Tensor:
         key = (tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype)
         check = validate == "always" or (validate == "first" and key not in seen)
-        out = ring_attention(q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, layout=layout,
-                             backend=backend, validate=check)
+        # A Mask replaces the model's causal flag (it carries its own).
+        out = ring_attention(q, k, v, group=group, causal=causal if mask is None else False,
+                             softmax_scale=softmax_scale, layout=layout, backend=backend, validate=check, mask=mask)
         seen.add(key)
         return out
 

@@ -10,7 +10,8 @@ The memory model counts, per GPU: fp32 parameters, fp32 gradients and AdamW's tw
 each divided by the FSDP shard degree; FSDP's transient all-gathered weights (root unit + two blocks)
 and gradient reduce buffers; activations kept for backward at ``B * seq_len / cp`` tokens, per layer
 according to ``train.ac``, ``train.ffn_chunk`` and ``train.compile`` (what each autograd node saves
-in ``seqpar.models.llama``, or the compiled graphs of ``seqpar.models.compile``); the chunked loss;
+in ``seqpar.models.llama``, or the compiled graphs of ``seqpar.models.compile``, or the recompute
+regions of ``seqpar.models.checkpointing``); the chunked loss;
 and the transients of backward (one layer recomputed, one loss chunk of logits, ring-attention K/V
 buffers). It ignores allocator fragmentation and kernel workspaces, so leave ~10% headroom; ``benchmarks/bench_train.py`` compares it with measured peaks.
 """
@@ -60,8 +61,8 @@ def estimate_memory(cfg: Config, dp: int, cp: int, *, bf16: bool = True) -> dict
     a = 2 if bf16 else 4  # bytes per activation / compute-dtype weight
     world = dp * cp
     shard = {"dp_cp": world, "dp": dp, "none": 1}[p.fsdp] if world > 1 else 1
-    d, h, heads, L = m.dim, m.ffn_hidden, m.n_heads, m.n_layers
-    kv = m.n_kv_heads * m.head_dim
+    d, h, heads, L = m.dim, m.ffn_dim, m.n_heads, m.n_layers
+    kv = m.kv_heads * m.head_dim
     tokens = t.batch_size * t.seq_len // cp  # tokens of one micro-batch on one GPU
     vocab = m.vocab_size
 
@@ -86,6 +87,8 @@ def estimate_memory(cfg: Config, dp: int, cp: int, *, bf16: bool = True) -> dict
     layer_none = 2 * norm + rope + attn + mlp
     saved = {"none": layer_none,
              "full": a * d,  # the block input
+             # block input h (the inputs of its two recompute regions) + what the attention saves: q, k
+             # after RoPE, v, out, fp32 lse. Measured: tests/unit/test_blockwise.py (saved-tensor hooks).
              "selective": a * d + a * (d + 2 * kv) + a * d + 4 * heads}[t.ac]
     head = norm + a * d  # final norm and its output (the chunked loss keeps only that)
     rope_tables = 2 * 4 * m.head_dim // 2  # cos, sin fp32, shared by all layers
@@ -138,7 +141,7 @@ def _print(cfg: Config, dp: int, cp: int, est: dict, gpu_gib: float, fits: bool)
     print(f"  cp rings (ring attention): {show(groups['cp'])}")
     print(f"  dp groups (different rows): {show(groups['dp'])}")
     print(f"  model {m.name}: {est['params_total'] / 1e9:.3f}B params | dim {m.dim} layers {m.n_layers} heads "
-          f"{m.n_heads}/{m.n_kv_heads} ffn {m.ffn_hidden} vocab {m.vocab_size}")
+          f"{m.n_heads}/{m.kv_heads} ffn {m.ffn_dim} vocab {m.vocab_size}")
     print(f"  seq_len {t.seq_len:,} x batch {t.batch_size} per dp rank -> {est['tokens_per_gpu']:,} tokens per GPU | "
           f"ac {t.ac} | ffn_chunk {t.ffn_chunk} | loss_chunk {t.loss_chunk} | compile {t.compile}")
     print("  per-GPU memory estimate (GiB):")

@@ -27,16 +27,17 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from seqpar.config import Config, ConfigError
+from seqpar.config import Config
 from seqpar.data import build_data
 from seqpar.data.pose import apply_pose
 from seqpar.models.llama import Llama
+from seqpar.models.parallelize import parallelize
 from seqpar.ops import attention
-from seqpar.parallel.fsdp import parallelize
 from seqpar.parallel.mesh import Mesh
 from seqpar.train.checkpoint import Checkpointer
 from seqpar.train.metrics import MetricsLogger, format_eta, peak_memory_gib, peak_tflops
 from seqpar.train.preemption import StopRequest
+from seqpar.train.resolve import load_tokenizer, resolve_config, write_config
 
 
 def lr_multiplier(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
@@ -47,46 +48,31 @@ def lr_multiplier(step: int, *, warmup: int, total: int, min_ratio: float) -> fl
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _resolve_vocab(cfg: Config, tokenizer_vocab: int) -> Config:
-    if cfg.model.vocab_size is None:
-        # Round up to a multiple of 64: tensor-core friendly output projection.
-        model = dataclasses.replace(cfg.model, vocab_size=64 * math.ceil(tokenizer_vocab / 64))
-        return dataclasses.replace(cfg, model=model)
-    if cfg.model.vocab_size < tokenizer_vocab:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                          f"{tokenizer_vocab} ids; set model.vocab_size=null (automatic) or >= {tokenizer_vocab}.")
-    return cfg
-
-
 def _local(t):
     """A DTensor's full value (e.g. the gradient norm), or the tensor itself."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 class Trainer:
-    def __init__(self, cfg: Config, mesh: Mesh):
+    def __init__(self, cfg: Config, mesh: Mesh, *, init_state: Optional[dict] = None):
         self.mesh = mesh
         self.device = mesh.device
         self.start_time = time.time()
+        # train.py resolves the config before the mesh exists; one built in code is resolved here by the
+        # same function (idempotent: a resolved config comes back as is). Used as given from here on.
+        self.cfg = cfg = resolve_config(cfg)
         self.train_data, self.val_data, self.tokenizer = build_data(
             cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-            dp_rank=mesh.dp_rank, dp_size=mesh.dp)
-        if cfg.model.init_from:  # context extension: the HF checkpoint's config.json fixes the shape
-            from seqpar.models.hf import resolve_init_from
-
-            cfg = dataclasses.replace(cfg, model=resolve_init_from(cfg.model))
-        self.cfg = cfg = _resolve_vocab(cfg, self.tokenizer.vocab_size)
+            dp_rank=mesh.dp_rank, dp_size=mesh.dp, tokenizer=load_tokenizer(cfg))  # BPE / tokenizer.json load from disk
         if mesh.is_main:  # the resolved config, for seqpar.eval's --checkpoint RUN_DIR
-            import yaml
-
-            os.makedirs(cfg.logging.run_dir, exist_ok=True)
-            with open(os.path.join(cfg.logging.run_dir, "config.yaml"), "w") as f:
-                yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+            write_config(cfg)
         self.autocast = self._autocast_dtype()
-        # A CPU group for checkpoint coordination (async saves run collectives from a thread) and the
-        # per-step stop agreement (no CUDA sync). Created on every rank, same order.
-        self.cpu_group = dist.new_group(backend="gloo") if mesh.world_size > 1 else None
+        # The mesh's gloo group: checkpoint coordination (async saves run collectives from a thread) and
+        # the per-step stop agreement (no CUDA sync). None for one process.
+        self.cpu_group = mesh.cpu_group
         self.model, self.fsdp_mesh = self._build_model()
+        if init_state is not None:  # start from given weights (seqpar.eval.demo fine-tunes a trained model)
+            self._load_init_state(init_state)
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]  # no decay on norms
@@ -177,6 +163,27 @@ class Trainer:
         # Rank-unique key: DCP keeps one copy of same-key entries across ranks.
         return {"step": self.step, "model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict(),
                 f"rank{self.mesh.rank}": mine}
+
+    def _load_init_state(self, state: dict) -> None:
+        """Copy a whole model's state dict (plain tensors, the un-adapted model's keys: another model's
+        ``state_dict()``) into this one, each rank keeping its own shard; LoRA adapters stay freshly
+        initialised. A checkpoint to resume from (``checkpoint.resume``) still wins over it.
+
+        Raises ConfigError when the keys differ from the model's (another shape or architecture).
+        """
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+        from seqpar.errors import ConfigError
+
+        # Canonical names (no AC / compile wrapper prefixes); sharded values, so nothing is gathered.
+        want = {k for k in get_model_state_dict(self.model) if "lora_" not in k}
+        missing, unexpected = sorted(want - set(state)), sorted(set(state) - want)
+        if missing or unexpected:
+            raise ConfigError(f"init_state does not fit model {self.cfg.model.name!r}: missing {missing[:4]}, "
+                              f"unexpected {unexpected[:4]}; give the config the weights' own model shape "
+                              "(model.dim, model.n_layers, ...).")
+        # strict=False: the adapters are not in ``state`` (checked above: nothing else is missing).
+        set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
     def _resume(self) -> None:
         from torch.distributed.checkpoint.state_dict import set_state_dict

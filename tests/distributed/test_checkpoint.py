@@ -94,7 +94,7 @@ def test_two_rank_sharded_resume_async_save_and_signal_agreement():
 
 _KILL_SCRIPT = """
 import os, signal, sys
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {here!r}]
 from test_checkpoint import _cfg
 from seqpar.train import checkpoint as ck, run
 commit = ck.Checkpointer._commit
@@ -115,7 +115,7 @@ def test_killed_save_leaves_previous_checkpoint_in_charge(tmp_path):
     torch.set_num_threads(1)
     straight = _losses(_fit(_cfg(tmp_path / "straight", steps=6, every=0)))
     run_dir = tmp_path / "killed"
-    script = _KILL_SCRIPT.format(tests=TESTS, run_dir=str(run_dir))
+    script = _KILL_SCRIPT.format(tests=TESTS, here=os.path.dirname(os.path.abspath(__file__)), run_dir=str(run_dir))
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]

@@ -6,6 +6,7 @@ single process running the plain model on the whole global batch. The model runs
 difference beyond summation order (~1e-15 relative) is a bug. A Trainer-level check (fp32, real data,
 3 steps) runs in the same process groups: spawning costs seconds, so everything is batched.
 """
+import dataclasses
 import functools
 import os
 import tempfile
@@ -83,7 +84,8 @@ def _worker(rank, world, run_root):
 
     from seqpar.config import ParallelConfig
     from seqpar.parallel import make_ring_attn_fn, shard_sequence
-    from seqpar.parallel.fsdp import parallelize
+    from seqpar.models.parallelize import parallelize
+    from seqpar.parallel.fsdp import fsdp_mesh
     from seqpar.parallel.mesh import init_mesh
     from seqpar.train import Trainer
 
@@ -91,6 +93,9 @@ def _worker(rank, world, run_root):
     tokens, labels, positions = _batch()
     for dp, cp in MESHES[world]:
         mesh = init_mesh(ParallelConfig(dp=dp, cp=cp), "cpu")
+        out[("groups", dp, cp)] = (dist.get_backend(mesh.cpu_group), dist.get_world_size(mesh.cpu_group),
+                                   fsdp_mesh(mesh, "dp") is fsdp_mesh(mesh, "dp"),
+                                   fsdp_mesh(mesh, "dp").mesh.tolist(), fsdp_mesh(mesh, "dp_cp").mesh.tolist())
         rows = slice(mesh.dp_rank, None, dp)  # the data loader's row split: dp rank r takes rows r::dp
         tok, lab, pos = (shard_sequence(t[rows], 1, layout="zigzag", rank=mesh.cp_rank, world_size=cp)
                          for t in (tokens, labels, positions))
@@ -145,13 +150,23 @@ def test_meshes_match_one_process(world):
 
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("world", [2, 4])
+def test_mesh_owns_the_cpu_group_and_the_fsdp_meshes(world):
+    for dp, cp in MESHES[world]:
+        ranks = torch.arange(world).view(dp, cp)  # [dp, cp]
+        hsdp = ranks.t().tolist() if cp > 1 else ranks.flatten().tolist()  # (cp replicate, dp shard)
+        for res in _results(world):
+            assert res[("groups", dp, cp)] == ("gloo", world, True, hsdp, ranks.flatten().tolist()), (dp, cp)
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("world", [2, 4])
 def test_trainer_losses_match_one_process(world, tmp_path):
     from seqpar.parallel.mesh import init_mesh
     from seqpar.train import Trainer
 
     torch.set_num_threads(1)
     cfg = _trainer_cfg(tmp_path, 1, 1, batch=4)
-    cfg.parallel.fsdp = "none"
+    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, fsdp="none"))  # configs are frozen
     ref = [h["loss"] for h in Trainer(cfg, init_mesh(cfg.parallel, "cpu")).fit()["history"]]
     assert len(ref) == 3
     for dp, cp in MESHES[world]:

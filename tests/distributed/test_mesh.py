@@ -1,4 +1,7 @@
 """The dp x cp mesh: environment resolution (torchrun, srun, none), validation, rank layout, FSDP meshes."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -37,7 +40,17 @@ def test_single_process_mesh_has_no_groups_and_no_fsdp(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(var, raising=False)
     mesh = init_mesh(ParallelConfig(), "cpu")
-    assert (mesh.dp, mesh.cp, mesh.world_size, mesh.device_mesh) == (1, 1, 1, None)
+    assert (mesh.dp, mesh.cp, mesh.world_size, mesh.device_mesh, mesh.cpu_group) == (1, 1, 1, None, None)
     assert fsdp_mesh(mesh, "dp_cp") is None
     with pytest.raises(ConfigError, match="parallel.cp=2 does not divide the world size 1"):
         init_mesh(ParallelConfig(cp=2), "cpu")
+
+
+def test_fsdp_mesh_and_ac_modes_import_neither_config_nor_model():
+    """seqpar.config imports FSDP_MODES and AC_MODES from these modules: importing seqpar.config (or a
+    model) back at runtime would be an import cycle; the comms layer knows no model."""
+    code = ("import sys, seqpar.parallel.fsdp, seqpar.parallel.mesh, seqpar.models.checkpointing; "
+            "print(sorted(m for m in sys.modules if m == 'seqpar.config' or m.startswith('seqpar.models.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["['seqpar.models.checkpointing']"], out.stdout

@@ -43,6 +43,11 @@ def _cases():
                           global_len=96, dtype=torch.float32, lse_grad=False, scale=None))
     cases.append(dict(name="custom-scale", layout="zigzag", causal=True, h=6, hkv=2, d=8, b=1, local=4,
                       dtype=torch.float64, lse_grad=False, scale=0.37))
+    # mask=Mask(causal=...) instead of causal=: the same ring (causal/full are the kinds it takes now).
+    for layout, causal in (("zigzag", True), ("striped", False)):
+        cases.append(dict(name=f"mask-{layout}-{'causal' if causal else 'full'}", layout=layout, causal=causal, h=4,
+                          hkv=2, d=16, b=2, local=_local_len(layout), dtype=torch.float64, lse_grad=True, scale=None,
+                          use_mask=True))
     return cases
 
 
@@ -70,14 +75,16 @@ def _inputs(case, n):
 
 
 def _run_case(case, group, n):
+    from seqpar.ops import Mask
     from seqpar.parallel import ring_attention_with_lse, shard_sequence, unshard_sequence
 
     layout, dtype = case["layout"], case["dtype"]
     q, k, v, dout, dlse = _inputs(case, n)
     shard = lambda x, dim=1: shard_sequence(x, dim, group=group, layout=layout).to(dtype)
     ql, kl, vl = (shard(t).requires_grad_() for t in (q, k, v))
-    out, lse = ring_attention_with_lse(ql, kl, vl, group=group, causal=case["causal"], layout=layout,
-                                       softmax_scale=case["scale"], backend=case.get("backend", "torch"))
+    masking = dict(mask=Mask(causal=case["causal"])) if case.get("use_mask") else dict(causal=case["causal"])
+    out, lse = ring_attention_with_lse(ql, kl, vl, group=group, layout=layout, softmax_scale=case["scale"],
+                                       backend=case.get("backend", "torch"), **masking)
     loss = (out * shard(dout)).sum()
     if case["lse_grad"]:
         loss = loss + (lse * shard(dlse, 2)).sum()
@@ -89,15 +96,20 @@ def _run_case(case, group, n):
 
 def _bad_inputs(rank, n):
     """Each bad call must raise ValueError on every rank (not hang); the group stays usable."""
+    from seqpar.ops import Mask
     from seqpar.parallel import ring_attention
 
     msgs = {}
     mk = lambda L, h=4, hkv=2: (torch.randn(1, L, h, 8), torch.randn(1, L, hkv, 8), torch.randn(1, L, hkv, 8))
-    for name, args, layout in (("mismatch", mk(6 if rank == 0 else 8), "zigzag"),
-                               ("heads", mk(4, h=4, hkv=3), "zigzag"),
-                               ("odd-zigzag", mk(5), "zigzag")):
+    docs = torch.zeros(1, 4 * n, dtype=torch.long)
+    for name, args, layout, masking in (("mismatch", mk(6 if rank == 0 else 8), "zigzag", dict(causal=True)),
+                                        ("heads", mk(4, h=4, hkv=3), "zigzag", dict(causal=True)),
+                                        ("odd-zigzag", mk(5), "zigzag", dict(causal=True)),
+                                        ("mask-docs", mk(4), "zigzag", dict(mask=Mask(doc_ids=docs))),
+                                        ("mask-window", mk(4), "zigzag", dict(mask=Mask(window=3, sinks=1))),
+                                        ("mask-and-causal", mk(4), "zigzag", dict(causal=True, mask=Mask()))):
         try:
-            ring_attention(*args, causal=True, layout=layout, backend="torch")
+            ring_attention(*args, layout=layout, backend="torch", **masking)
             msgs[name] = None
         except ValueError as e:
             msgs[name] = str(e)
@@ -107,7 +119,7 @@ def _bad_inputs(rank, n):
 class FakeSdpaAten:
     """CPU stand-ins with the calling conventions and lse layouts of the CUDA SDPA ops (flash: lse
     ``[B, H, S]``; cuDNN: ``[B, H, S, 1]``; heads already expanded; top-left causal; backward from a
-    given out/lse with delta recomputed inside), so the ``attention_sdpa`` plumbing (GQA expand/sum,
+    given out/lse with delta recomputed inside), so the ``seqpar.ops.attention.sdpa`` plumbing (GQA expand/sum,
     transposes, lse shapes, global-lse backward) is tested where no GPU is."""
 
     @staticmethod
@@ -151,13 +163,17 @@ class FakeSdpaAten:
 
 
 def patch_sdpa_for_cpu():
-    """Route seqpar.ops.attention_sdpa to the fake ops and let it accept CPU float64 (child processes only)."""
-    import seqpar.ops.attention_sdpa as sd
+    """Route seqpar.ops.attention.sdpa to the fake ops and let its registry records accept CPU float64
+    (child processes only); their mask declarations (causal, aligned diagonal only) stay as they are."""
+    import dataclasses
+
+    from seqpar.ops.attention import sdpa as sd
+    from seqpar.ops.attention import registry
 
     sd.aten = FakeSdpaAten
-    # The real supports() also demands CUDA and half precision; keep only its mask rule.
-    sd.supports = lambda q, k, causal=False, q_offset=0, k_offset=0, **_: (
-        sd._mask_kind(q.shape[1], k.shape[1], causal, q_offset, k_offset) is not None)
+    for name in ("sdpa_flash", "sdpa_cudnn"):
+        rec = registry.RECORDS[name]
+        registry.RECORDS[name] = dataclasses.replace(rec, devices=("cpu", "cuda"), dtypes=(*rec.dtypes, torch.float64))
 
 
 def _worker(rank, n, cases):
@@ -180,7 +196,7 @@ def _worker(rank, n, cases):
     for case in SDPA_CASES:
         results[case["name"]] = _run_case(case, None, n)
     try:
-        import seqpar.ops.attention_triton  # noqa: F401
+        from seqpar.ops.attention.triton import function  # noqa: F401
         triton_ok = True
     except ImportError:  # triton not installed: the parent skips these cases
         triton_ok = False
@@ -231,6 +247,9 @@ def test_bad_input_raises_on_every_rank(n):
         assert bad["mismatch"] and "differ across" in bad["mismatch"] and "(1, 6, 4, 8)" in bad["mismatch"]
         assert bad["heads"] and "query heads 4 are not divisible by key/value heads 3" in bad["heads"]
         assert bad["odd-zigzag"] and f"multiple of {2 * n}" in bad["odd-zigzag"]
+        assert bad["mask-docs"] and "['documents']" in bad["mask-docs"] and "parallel.cp=1" in bad["mask-docs"]
+        assert bad["mask-window"] and "['sinks', 'window']" in bad["mask-window"]
+        assert bad["mask-and-causal"] and "not both" in bad["mask-and-causal"]
     ref = _reference(CASES[0], n)
     torch.testing.assert_close(ranks[0]["after-bad"]["out"], ref["out"], **FP64_TOL)
 
@@ -278,16 +297,18 @@ def test_ring_sdpa_wrappers_through_fake_ops(n, case):
 
 
 def test_sdpa_supports_only_masks_the_kernels_express():
-    from seqpar.ops import attention_sdpa as sd
+    from seqpar.ops.attention import sdpa as sd
+    from seqpar.ops.attention.mask import LocalMask
+    from seqpar.ops.attention.registry import RECORDS
 
     q, k = torch.zeros(1, 8, 4, 64), torch.zeros(1, 8, 2, 64)
-    assert not sd.supports(q, k, backend="sdpa_flash")  # CPU: never
-    assert sd._mask_kind(8, 8, True, 0, 0) == "diagonal"  # aligned diagonal
-    assert sd._mask_kind(8, 8, True, 16, 0) == "full"  # every key before every query: non-causal
-    assert sd._mask_kind(8, 8, True, 3, 0) is None  # a shifted diagonal: not expressible
-    assert sd._mask_kind(8, 4, True, 0, 0) is None  # unequal lengths: top-left vs bottom-right ambiguity
+    assert "does not run on cpu" in RECORDS["sdpa_flash"].missing(q, k, LocalMask())  # CPU: never
+    assert sd.mask_kind(8, 8, True, 0, 0) == "diagonal"  # aligned diagonal
+    assert sd.mask_kind(8, 8, True, 16, 0) == "full"  # every key before every query: non-causal
+    assert sd.mask_kind(8, 8, True, 3, 0) is None  # a shifted diagonal: not expressible
+    assert sd.mask_kind(8, 4, True, 0, 0) is None  # unequal lengths: top-left vs bottom-right ambiguity
     with pytest.raises(ValueError, match="cannot express causal offsets"):
-        sd.forward(q, k, k, backend="sdpa_flash", causal=True, q_offset=3)
+        sd.flash_forward(q, k, k, LocalMask(causal=True, q_offset=3))
 
 
 @pytest.mark.timeout(200)

@@ -62,7 +62,7 @@ def test_extend_from_hf_checkpoint_with_yarn_and_lora(tmp_path):
         logging=LoggingConfig(run_dir=str(tmp_path / "run"), progress=False, log_every=1),
         checkpoint=CheckpointConfig(every=0),
     )
-    assert cfg.data.tokenizer_path == path  # defaults to the checkpoint directory
+    assert cfg.data.tokenizer_path is None and cfg.tokenizer_dir == path  # defaults to the checkpoint directory
     trainer = Trainer(cfg, init_mesh(cfg.parallel, "cpu"))
     assert trainer.cfg.model.dim == 64 and trainer.cfg.model.vocab_size == 448  # shape from config.json
     ours = trainer.model.state_dict()
@@ -78,3 +78,75 @@ def test_extend_from_hf_checkpoint_with_yarn_and_lora(tmp_path):
     # Tokens are the checkpoint's ids (< its 400-token vocabulary), not bytes.
     batch = next(iter(trainer.train_data))
     assert int(batch["tokens"].max()) < 400
+
+
+def test_eval_reads_the_checkpoint_tokenizer(tmp_path):
+    from seqpar.eval.common import load_model
+
+    path, _ = _hf_dir(tmp_path)
+    tok = load_model(path).tokenizer
+    assert isinstance(tok, HFTokenizer) and (tok.bos_id, tok.eos_id) == (0, 1)  # the training tokenizer, specials too
+
+
+def _tiny_base(tmp_path):
+    """A 'trained' base run: its config (byte tokenizer, short rows) and a model of its resolved shape."""
+    cfg = Config(
+        model=ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1),
+        data=DataConfig(max_bytes=200_000, cache_dir=str(tmp_path / "cache")),
+        train=TrainConfig(seq_len=64, batch_size=2, steps=5, eval_every=0, device="cpu"),
+        logging=LoggingConfig(run_dir=str(tmp_path / "base"), progress=False),
+    )
+    torch.manual_seed(0)
+    return cfg, Llama(ModelConfig(vocab_size=320, dim=32, n_layers=1, n_heads=2, n_kv_heads=1))
+
+
+@pytest.mark.timeout(180)
+def test_demo_finetunes_through_the_trainer(tmp_path):
+    from seqpar.config import ConfigError
+    from seqpar.eval.demo import finetune, finetune_config
+    from seqpar.models.lora import lora_layers
+
+    torch.set_num_threads(1)
+    base_cfg, base = _tiny_base(tmp_path)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    cfg = finetune_config(base_cfg, base.cfg, str(tmp_path / "ft"), scaling=yarn, steps=2, lr=1e-3, pose_target=256,
+                          lora=LoRAConfig(rank=4, s2_attn=True))
+    # The trainer starts from exactly the given weights (adapters aside), and refuses weights of another shape.
+    trainer = Trainer(cfg, init_mesh(cfg.parallel, "cpu"), init_state=base.state_dict())
+    ours = trainer.model.state_dict()
+    for name, p in before.items():
+        torch.testing.assert_close(ours[name], p, rtol=0, atol=0)
+    wrong = {k: v for k, v in base.state_dict().items() if k != "norm.weight"}
+    with pytest.raises(ConfigError, match="norm.weight"):
+        Trainer(cfg, init_mesh(cfg.parallel, "cpu"), init_state=wrong)
+
+    out = finetune(base, cfg)
+    assert torch.isfinite(torch.tensor(out["loss"]))
+    for name, p in base.state_dict().items():  # the base model is left as it was
+        torch.testing.assert_close(p, before[name], rtol=0, atol=0)
+    layers = lora_layers(out["model"])
+    assert layers and all(m.merged for m in layers)  # adapters folded in: wq now differs from the base's
+    assert not torch.equal(out["model"].state_dict()["layers.0.attention.wq.weight"],
+                           before["layers.0.attention.wq.weight"])
+    assert not out["model"].training and out["model"].cfg.rope_scaling == yarn
+    saved = (tmp_path / "ft" / "config.yaml").read_text()  # a real trainer run: its config and metrics
+    assert "pose_target_len: 256" in saved and (tmp_path / "ft" / "metrics.jsonl").is_file()
+
+
+@pytest.mark.timeout(300)
+def test_demo_cli_writes_tables_and_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    from seqpar.eval import demo
+
+    torch.set_num_threads(1)
+    out = tmp_path / "demo"
+    # train_len 256: the shortest length that holds a byte-level passkey prompt.
+    assert demo.main(["--out", str(out), "--train-len", "256", "--batch-size", "2", "--dim", "32", "--n-layers", "1",
+                      "--n-heads", "2", "--base-steps", "2", "--ft-steps", "1", "--max-bytes", "200000",
+                      "--ppl-tokens", "2048", "--passkey-samples", "1"]) == 0
+    rows = json.loads((out / "perplexity.json").read_text())["rows"]
+    assert {r["scaling"] for r in rows} == {"base/none", "base/linear", "base/ntk", "base/dynamic", "base/yarn",
+                                            "ft/yarn", "ft/yarn+pose", "ft/longlora+yarn+pose"}
+    for name in ("perplexity.md", "passkey.md", "perplexity.png", "passkey.png", "ft/yarn+pose/config.yaml"):
+        assert (out / name).stat().st_size > 0

@@ -6,24 +6,16 @@ import sys
 import pytest
 import torch
 
-from seqpar.config import (CheckpointConfig, Config, ConfigError, DataConfig, LoggingConfig, ModelConfig,
-                           OptimConfig, ParallelConfig, TrainConfig)
+from seqpar.config import Config, ConfigError, ModelConfig, ParallelConfig, TrainConfig
 from seqpar.parallel.mesh import init_mesh
 from seqpar.train import Trainer, lr_multiplier, run
 from seqpar.train.checkpoint import CheckpointError, complete_checkpoints
+from tiny_run import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _cfg(run_dir, steps=12, every=0, **train):
-    return Config(
-        model=ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2),
-        data=DataConfig(max_bytes=400_000),
-        optim=OptimConfig(lr=3e-3, warmup_steps=3),
-        train=TrainConfig(**{"seq_len": 64, "batch_size": 4, "steps": steps, "eval_every": 0, "device": "cpu", **train}),
-        logging=LoggingConfig(log_every=1, run_dir=str(run_dir), progress=False),
-        checkpoint=CheckpointConfig(every=every, keep_last=2),
-    )
+_cfg = tiny_config
 
 
 @pytest.mark.timeout(180)

@@ -4,7 +4,8 @@ import torch
 
 from reference import naive_attention
 from seqpar.ops import attention, attention_with_lse, merge_attention
-from seqpar.ops.attention_torch import attention_backward_torch, attention_forward_torch
+from seqpar.ops.attention.mask import LocalMask
+from seqpar.ops.attention.reference import backward as reference_backward, forward as reference_forward
 
 # fp32 blockwise vs float64 naive on O(1) random data: errors are ~1e-6; 2e-5 leaves room for long rows.
 FP32_TOL = dict(atol=2e-5, rtol=2e-5)
@@ -65,19 +66,20 @@ def test_window_and_documents():
 def test_small_blocks_equal_large_blocks():
     # Block boundaries must not change the result: 5x3 blocks vs one block, float64.
     q, k, v, dout = _inputs(1, 23, 31, 2, 2, 8, torch.float64, seed=11)
-    a = attention_forward_torch(q, k, v, causal=True, k_offset=-8, block_q=5, block_k=3)
-    b_ = attention_forward_torch(q, k, v, causal=True, k_offset=-8, block_q=1024, block_k=1024)
+    m = LocalMask(causal=True, k_offset=-8)
+    a = reference_forward(q, k, v, m, block_q=5, block_k=3)
+    b_ = reference_forward(q, k, v, m, block_q=1024, block_k=1024)
     torch.testing.assert_close(a, b_, **FP64_TOL)
-    ga = attention_backward_torch(dout, q, k, v, a[0], a[1], causal=True, k_offset=-8, block_q=5, block_k=3)
-    gb = attention_backward_torch(dout, q, k, v, b_[0], b_[1], causal=True, k_offset=-8)
+    ga = reference_backward(dout, q, k, v, a[0], a[1], m, block_q=5, block_k=3)
+    gb = reference_backward(dout, q, k, v, b_[0], b_[1], m)
     torch.testing.assert_close(ga, gb, **FP64_TOL)
 
 
 def test_merge_of_two_key_halves_equals_whole():
     q, k, v, _ = _inputs(2, 19, 26, 4, 2, 8, torch.float64, seed=5)
     whole = naive_attention(q, k, v, causal=True, q_offset=10)
-    a = attention_forward_torch(q, k[:, :13], v[:, :13], causal=True, q_offset=10)
-    b_ = attention_forward_torch(q, k[:, 13:], v[:, 13:], causal=True, q_offset=10, k_offset=13)
+    a = reference_forward(q, k[:, :13], v[:, :13], LocalMask(causal=True, q_offset=10))
+    b_ = reference_forward(q, k[:, 13:], v[:, 13:], LocalMask(causal=True, q_offset=10, k_offset=13))
     out, lse = merge_attention(*a, *b_)
     torch.testing.assert_close(out, whole[0], **FP64_TOL)
     torch.testing.assert_close(lse, whole[1], **FP64_TOL)

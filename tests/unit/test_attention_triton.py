@@ -3,12 +3,11 @@
 CPU (CI): Triton's interpreter, which must be switched on before triton is first imported; other test
 modules of the same pytest process may import it earlier, so each group of cases runs in a child
 process (this file run as a script) with TRITON_INTERPRET=1, and reports its failures as JSON.
-GPU (``-m gpu``): bf16 at realistic sizes, judged against torch's own bf16 SDPA error vs float64.
+GPU cases (bf16 at realistic sizes) live in tests/gpu/test_attention_triton_gpu.py.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -93,6 +92,14 @@ GROUPS = {
 TMA_ENV = "SEQPAR_TRITON_TMA"
 
 
+def _split(opts):
+    """Per-call keywords -> (LocalMask, softmax_scale) of the functional triton API."""
+    from seqpar.ops.attention.mask import LocalMask
+    opts = dict(opts)
+    scale = opts.pop("softmax_scale", None)
+    return LocalMask(**opts), scale
+
+
 def _inputs(spec, seed):
     b, sq, sk, h, hkv, d, dtype, opts = spec
     g = torch.Generator().manual_seed(seed)
@@ -123,12 +130,13 @@ def _close(name, got, ref, tol):
 def _check_case(spec, seed, dq_mode):
     """Forward (out, lse) and backward (dq, dk, dv) of the functional API vs the float64 reference."""
     from reference import naive_attention
-    from seqpar.ops import attention_triton as at
+    from seqpar.ops.attention.triton import function as at
 
     q, k, v, dout, opts = _inputs(spec, seed)
     tol = TOL[spec[6]]
-    out, lse = at.forward(q, k, v, **opts)
-    dq, dk, dv = at.backward(dout, q, k, v, out, lse, dq_mode=dq_mode, **opts)
+    mask, scale = _split(opts)
+    out, lse = at.forward(q, k, v, mask, softmax_scale=scale)
+    dq, dk, dv = at.backward(dout, q, k, v, out, lse, mask, softmax_scale=scale, dq_mode=dq_mode)
     qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
     ref_out, ref_lse = naive_attention(qr, kr, vr, **opts)
     (ref_out * dout.double()).sum().backward()
@@ -146,9 +154,11 @@ def _check_case(spec, seed, dq_mode):
 def _check_ring(seed):
     """Ring use: in-kernel merge of two key halves, accumulated grads, global delta, atomic dQ, autograd."""
     from reference import naive_attention
-    from seqpar.ops import attention_triton as at
-    from seqpar.ops import attention_with_lse
-    from seqpar.ops.attention_triton_bwd import attention_bwd_launch
+    from seqpar.ops import Mask, attention_with_lse
+    from seqpar.ops.attention.mask import LocalMask
+    from seqpar.ops.attention.registry import RECORDS
+    from seqpar.ops.attention.triton import function as at
+    from seqpar.ops.attention.triton.bwd_launch import attention_bwd_launch
 
     errs = []
     spec = (2, 37, 52, 4, 2, 32, F32, dict(causal=True, q_offset=20))
@@ -160,7 +170,7 @@ def _check_ring(seed):
     out_acc = torch.zeros(q.shape, dtype=torch.float32)
     lse_acc = torch.full((2, 4, 37), float("-inf"))
     for lo, hi in ((0, 30), (30, 52)):
-        r = at.forward(q, k[:, lo:hi], v[:, lo:hi], causal=True, q_offset=20, k_offset=lo, out_acc=out_acc,
+        r = at.forward(q, k[:, lo:hi], v[:, lo:hi], LocalMask(causal=True, q_offset=20, k_offset=lo), out_acc=out_acc,
                        lse_acc=lse_acc)
         if r[0] is not out_acc or r[1] is not lse_acc:
             errs.append("merge mode must return the running buffers")
@@ -172,9 +182,9 @@ def _check_ring(seed):
         dk, dv = torch.zeros(k.shape), torch.zeros(v.shape)
         for lo, hi in ((0, 30), (30, 52)):
             dk_s, dv_s = dk[:, lo:hi], dv[:, lo:hi]  # views: the kernel adds into the slices in place
-            attention_bwd_launch(dout, q, k[:, lo:hi], v[:, lo:hi], out_acc, lse_acc, causal=True, softmax_scale=None,
-                                 q_offset=20, k_offset=lo, window_left=None, delta=delta, dq_acc=dq, dk_acc=dk_s,
-                                 dv_acc=dv_s, dq_mode=mode)
+            attention_bwd_launch(dout, q, k[:, lo:hi], v[:, lo:hi], out_acc, lse_acc,
+                                 LocalMask(causal=True, q_offset=20, k_offset=lo), softmax_scale=None, delta=delta,
+                                 dq_acc=dq, dk_acc=dk_s, dv_acc=dv_s, dq_mode=mode)
         errs += [_close(f"{mode} ring {n}", g, r, TOL[F32]) for n, g, r in
                  (("dq", dq, qr.grad), ("dk", dk, kr.grad), ("dv", dv, vr.grad))]
     # Autograd through the dispatcher, fp16, non-contiguous q (a transposed view with unit last stride).
@@ -187,13 +197,34 @@ def _check_ring(seed):
              (("out", out, ref_out), ("dq", q16.grad, qr.grad), ("dk", k16.grad, kr.grad), ("dv", v16.grad, vr.grad))]
     if q16.grad.dtype != F16:
         errs.append("autograd grads must come back in the input dtype")
-    if not at.supports(q16, k16) or at.supports(q16.bfloat16(), k16.bfloat16()):
-        errs.append("supports(): fp16 must be supported and bf16 refused under the interpreter")
+    rec, full = RECORDS["triton"], LocalMask()
+    if rec.missing(q16, k16, full) is not None or rec.missing(q16.bfloat16(), k16.bfloat16(), full) is None:
+        errs.append("registry: fp16 must be supported and bf16 refused under the interpreter")
     try:
         at.forward(torch.zeros(1, 4, 2, 24), torch.zeros(1, 4, 2, 24), torch.zeros(1, 4, 2, 24))
         errs.append("head_dim 24 must raise ValueError")
     except ValueError:
         pass
+    # mask=Mask(...) equals the per-call keywords (global doc ids sliced by the offsets), and the
+    # reference; a kind the kernel does not declare (sinks) is refused by the registry.
+    docs = torch.tensor(DOCS_50)  # [2, 50] global ids
+    qm, km, vm, _, _ = _inputs((2, 20, 30, 4, 2, 32, F32, {}), seed + 1)
+    for m, kw in ((Mask(causal=True, window=6, doc_ids=docs), dict(causal=True, window_left=6)),
+                  (Mask(causal=False, doc_ids=docs), {})):
+        got = attention_with_lse(qm, km, vm, mask=m, q_offset=25, k_offset=10, backend="triton")
+        old = attention_with_lse(qm, km, vm, q_offset=25, k_offset=10, q_doc_ids=docs[:, 25:45],
+                                 k_doc_ids=docs[:, 10:40], backend="triton", **kw)
+        ref = naive_attention(qm, km, vm, q_offset=25, k_offset=10, q_doc_ids=docs[:, 25:45],
+                              k_doc_ids=docs[:, 10:40], **kw)
+        if not (torch.equal(got[0], old[0]) and torch.equal(got[1], old[1])):
+            errs.append(f"mask={m.kinds}: Mask and keywords must give identical results")
+        errs += [_close(f"mask {sorted(m.kinds)} out", got[0], ref[0], TOL[F32])]
+    try:
+        attention_with_lse(qm, km, vm, mask=Mask(window=4, sinks=2), backend="triton")
+        errs.append("triton with sinks must raise ValueError")
+    except ValueError as e:
+        if "attention-sink" not in str(e) or "'torch'" not in str(e):
+            errs.append(f"sinks error must name the kind and the fix: {e}")
     return [e for e in errs if e]
 
 
@@ -213,7 +244,7 @@ def _count_descriptors():
 
 def _check_tma_mode():
     """tma_mode(): forced TMA only where legal; the env var read per call."""
-    from seqpar.ops.attention_triton_bwd import tma_mode
+    from seqpar.ops.attention.triton.bwd_launch import tma_mode
     errs = []
     x = torch.zeros(2, 8, 2, 16)
     odd = torch.zeros(2 * 8 * 2 * 16 + 1)[1:].view(2, 8, 2, 16)  # base 4 bytes past alignment
@@ -226,7 +257,11 @@ def _check_tma_mode():
         os.environ[TMA_ENV] = env
         if tma_mode(x, x) != want:
             errs.append(f"{TMA_ENV}={env!r}: tma_mode must be {want}")
+        if tma_mode(x, x, tma=True) != 2:  # an explicit argument beats the environment
+            errs.append(f"{TMA_ENV}={env!r}: tma=True must force TMA")
     os.environ[TMA_ENV] = "1"
+    if tma_mode(x, x, tma=False) != 0:
+        errs.append("tma=False must force pointers over the environment")
     return errs
 
 
@@ -272,8 +307,9 @@ def test_interpreter(group):
 
 def test_dkdv_tma_candidates():
     """Which dK/dV configs the autotuner times per tma_mode (0 pointers, 1 both on sm90+, 2 TMA only)."""
-    from seqpar.ops import attention_triton_bwd as bw
-    configs = bw._both(bw._all(bw.DKDV_CONFIGS))
+    from seqpar.ops.attention.triton import bwd as bw
+    from seqpar.ops.attention.triton.common import _all
+    configs = bw._both(_all(bw.DKDV_CONFIGS, bw.INTERPRET_DKDV_CONFIG))
     q16 = torch.zeros(1, dtype=torch.float16)
 
     def picked(mode, d=128, tuned=1, q=q16):
@@ -289,116 +325,6 @@ def test_dkdv_tma_candidates():
     assert picked(1, d=256) == picked(0, d=256)  # no TMA candidate where none was measured
     assert picked(2, q=torch.zeros(1)) == [(32, 32, 2, True)]  # fp32 keeps its one small tile
     assert picked(1, q=torch.zeros(1)) == [(32, 32, 2, False)]
-
-
-# ------------------------------------------------------------------------------------------------
-# GPU: bf16 at realistic sizes. Errors are relative norms vs float64; the bar is torch's own bf16.
-# ------------------------------------------------------------------------------------------------
-
-gpu = pytest.mark.gpu
-
-
-def _ref64(q, k, v, dout, *, causal=False, q_offset=0, k_offset=0, window_left=None, q_doc_ids=None,
-           k_doc_ids=None):
-    """Float64 attention on the GPU (reference.py builds its masks on the CPU), with gradients."""
-    qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
-    mask = _mask(q.shape[1], k.shape[1], q.device, causal, q_offset, k_offset, window_left, q_doc_ids, k_doc_ids)
-    g = q.shape[2] // k.shape[2]
-    s = torch.einsum("bqhd,bkhd->bhqk", qr, kr.repeat_interleave(g, 2)) / math.sqrt(q.shape[-1])
-    p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1)
-    out = torch.einsum("bhqk,bkhd->bqhd", p, vr.repeat_interleave(g, 2))
-    (out * dout.double()).sum().backward()
-    return out, torch.logsumexp(s.masked_fill(~mask, float("-inf")), -1), qr.grad, kr.grad, vr.grad
-
-
-def _mask(sq, sk, device, causal, q_offset, k_offset, window_left, q_doc_ids, k_doc_ids):
-    """Visibility ``[B or 1, 1, Sq, Sk]`` (True = attend), the rules of attention_torch."""
-    diff = (torch.arange(sq, device=device) + q_offset)[:, None] - (torch.arange(sk, device=device) + k_offset)[None]
-    m = torch.ones(sq, sk, dtype=torch.bool, device=device)
-    if causal:
-        m &= diff >= 0
-    if window_left is not None:
-        m &= diff <= window_left
-    m = m[None, None]
-    if q_doc_ids is not None:
-        m = m & (q_doc_ids[:, :, None] == k_doc_ids[:, None, :])[:, None]
-    return m
-
-
-def _sdpa_bf16(q, k, v, dout, mask):
-    qs, ks, vs = (t.detach().clone().transpose(1, 2).requires_grad_() for t in (q, k, v))  # [B, H, S, D]
-    out = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
-    out.backward(dout.transpose(1, 2))
-    return [t.transpose(1, 2) for t in (out, qs.grad, ks.grad, vs.grad)]
-
-
-def _rel(a, b):
-    return ((a.double() - b).norm() / b.norm()).item()
-
-
-GPU_CASES = {
-    "causal_gqa_d128": (2, 2048, 2048, 16, 4, 128, dict(causal=True)),
-    "noncausal_d64_ragged": (2, 1999, 1999, 8, 8, 64, {}),
-    "q_after_k_d128": (1, 1024, 1536, 8, 2, 128, dict(causal=True, q_offset=1536)),
-    "overlap_window_d64": (1, 1500, 1700, 8, 1, 64, dict(causal=True, q_offset=300, window_left=257)),
-    "docs_causal_d128": (2, 1024, 1024, 8, 2, 128, dict(causal=True, docs=True)),
-}
-
-
-@gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("case", list(GPU_CASES))
-def test_gpu_bf16_vs_sdpa_error(case):
-    from seqpar.ops import attention_with_lse
-    b, sq, sk, h, hkv, d, opts = GPU_CASES[case]
-    torch.manual_seed(0)
-    dev = "cuda"
-    q, dout = (torch.randn(b, sq, h, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
-    k, v = (torch.randn(b, sk, hkv, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
-    opts = dict(opts)
-    if opts.pop("docs", False):  # random document boundaries, the same for queries and keys
-        bounds = torch.sort(torch.randint(0, sq, (b, 6), device=dev), -1).values
-        opts["q_doc_ids"] = opts["k_doc_ids"] = (torch.arange(sq, device=dev)[None, :, None] >= bounds[:, None]).sum(-1)
-    # Poison the allocator's free blocks so an element the kernels never write shows up as NaN.
-    torch.empty(8 << 30, dtype=torch.uint8, device=dev).fill_(0xFF)
-    qt, kt, vt = (t.clone().requires_grad_() for t in (q, k, v))
-    out, lse = attention_with_lse(qt, kt, vt, backend="triton", **opts)
-    out.backward(dout)
-    ref = _ref64(q, k, v, dout, **opts)
-    mask = _mask(sq, sk, dev, opts.get("causal", False), opts.get("q_offset", 0), opts.get("k_offset", 0),
-                 opts.get("window_left"), opts.get("q_doc_ids"), opts.get("k_doc_ids"))
-    sdpa = _sdpa_bf16(q, k, v, dout, mask.expand(b, 1, sq, sk))
-    ours = (out, qt.grad, kt.grad, vt.grad)
-    for name, got, bar, r in zip(("out", "dq", "dk", "dv"), ours, sdpa, (ref[0], *ref[2:])):
-        assert not torch.isnan(got).any(), f"{name}: NaN"
-        err, err_sdpa = _rel(got, r), _rel(bar, r)
-        print(f"{case} {name}: triton {err:.2e} sdpa {err_sdpa:.2e}")
-        # bf16 rounding of p and dS dominates both: within 2x of torch's own bf16 error (+ slack for tiny errors).
-        assert err <= 2 * err_sdpa + 1e-3, f"{name}: triton {err:.2e} vs sdpa-bf16 {err_sdpa:.2e}"
-    finite = torch.isfinite(ref[1])
-    assert torch.equal(torch.isneginf(lse), ~finite)
-    assert (lse[finite] - ref[1][finite]).abs().max().item() < 2e-2  # lse from bf16 q, k: ~1e-3 typical
-
-
-@gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_ring_merge_and_atomic_dq():
-    from seqpar.ops import attention_triton as at
-    from seqpar.ops.attention_triton_bwd import attention_bwd_launch
-    torch.manual_seed(1)
-    b, s, h, hkv, d = 1, 4096, 8, 2, 128
-    q, dout = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    k, v = (torch.randn(b, s, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    out, lse = at.forward(q, k, v, causal=True)
-    out_acc = torch.zeros(q.shape, device="cuda")
-    lse_acc = torch.full((b, h, s), float("-inf"), device="cuda")
-    for lo in range(0, s, 1024):
-        at.forward(q, k[:, lo:lo + 1024], v[:, lo:lo + 1024], causal=True, k_offset=lo, out_acc=out_acc, lse_acc=lse_acc)
-    assert _rel(out_acc, out.double()) < 1e-2 and (lse_acc - lse).abs().max().item() < 1e-3
-    grads = [attention_bwd_launch(dout, q, k, v, out, lse, causal=True, softmax_scale=None, q_offset=0, k_offset=0,
-                                  window_left=None, dq_mode=mode) for mode in ("kernel", "atomic")]
-    for a, c in zip(*grads):
-        assert _rel(c, a.double()) < 1e-3  # same math, fp32 sums in another order
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from seqpar.models import Llama
 from seqpar.models.blockwise import BlockwiseFeedForward, apply_blockwise_ffn
 from seqpar.models.llama import FeedForward
 from seqpar.ops.loss import chunked_cross_entropy
-from seqpar.parallel.fsdp import apply_ac
+from seqpar.models import default_attention
+from seqpar.models.checkpointing import AC_MODES, apply_ac, selective_policy
 
 DIM, HIDDEN, VOCAB, CHUNK = 32, 128, 97, 16
 TOL = dict(atol=1e-12, rtol=1e-10)  # float64: only the summation order of chunked work differs
@@ -93,10 +94,10 @@ def test_apply_blockwise_keeps_parameter_names_and_objects():
         BlockwiseFeedForward(DIM, HIDDEN, 0)
 
 
-def _model_run(policy, ffn_chunk, seq_len=64):
+def _model_run(policy, ffn_chunk, seq_len=64, n_layers=3, attn_fn=None):
     torch.manual_seed(0)
-    model = Llama(ModelConfig(vocab_size=VOCAB, dim=DIM, n_layers=3, n_heads=4, n_kv_heads=2,
-                              ffn_hidden=HIDDEN)).double()
+    model = Llama(ModelConfig(vocab_size=VOCAB, dim=DIM, n_layers=n_layers, n_heads=4, n_kv_heads=2,
+                              ffn_hidden=HIDDEN), attn_fn=attn_fn).double()
     apply_blockwise_ffn(model, ffn_chunk)
     apply_ac(model, policy)
     g = torch.Generator().manual_seed(1)
@@ -122,3 +123,49 @@ def test_ac_policies_give_the_same_numbers_and_keep_less():
     assert kept[("full", 0)] < kept[("selective", 0)] < kept[("none", 24)] < kept[("none", 0)], kept
     with pytest.raises(ValueError, match="train.ac"):
         apply_ac(Llama(ModelConfig(vocab_size=VOCAB, dim=DIM, n_layers=1, n_heads=4)), "some")
+
+
+def test_selective_runs_attention_once_per_layer():
+    """Under ring attention a recompute reruns the ring, communication included: selective must not."""
+    calls = []
+
+    def counting_attention(q, k, v, *, causal, softmax_scale):
+        calls.append(q.shape)
+        return default_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
+
+    runs = {}
+    for policy in AC_MODES:
+        calls.clear()
+        _model_run(policy, 0, attn_fn=counting_attention)  # forward and backward
+        runs[policy] = len(calls)
+    assert runs == {"none": 3, "selective": 3, "full": 6}, runs  # 3 layers; full reruns each block once
+
+
+def test_selective_keeps_what_the_dry_run_counts():
+    """Per layer, selective keeps the block input h (non-reentrant checkpoint saves its regions' inputs
+    through autograd, so the hooks see it) and exactly what the attention saves: q, k (after RoPE), v,
+    out, lse; nothing from inside the recompute regions. seqpar.train.dry_run.estimate_memory counts
+    ``a*dim + a*(dim + 2*kv) + a*dim + lse*heads`` bytes per token (a: bytes per activation; fp64 here)."""
+    B, S, heads, kv = 2, 64, 4, 2 * (DIM // 4)  # n_kv_heads=2 of head_dim DIM/4
+    per_layer = _model_run("selective", 0, n_layers=3)[0] - _model_run("selective", 0, n_layers=2)[0]
+    lse_bytes = default_attention_lse_bytes(torch.zeros(1, dtype=torch.float64))
+    assert per_layer == B * S * (8 * DIM + 8 * (DIM + 2 * kv) + 8 * DIM + lse_bytes * heads), per_layer
+    # none keeps far more per layer (norms, projections, the MLP's hidden activations)
+    none_per_layer = _model_run("none", 0, n_layers=3)[0] - _model_run("none", 0, n_layers=2)[0]
+    assert none_per_layer > 3 * per_layer, (none_per_layer, per_layer)
+
+
+def default_attention_lse_bytes(x: torch.Tensor) -> int:
+    """Bytes per lse element of the default attention for ``x``'s dtype (fp32 for half types, fp64 for fp64)."""
+    q = x.new_zeros(1, 4, 1, 8).requires_grad_()
+    from seqpar.ops import attention_with_lse
+
+    return attention_with_lse(q, q, q, causal=True)[1].element_size()
+
+
+def test_selective_policy_recomputes_compute_and_keeps_collectives():
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    assert selective_policy(None, torch.ops.aten.mm.default) == CheckpointPolicy.PREFER_RECOMPUTE
+    assert selective_policy(None, torch.ops.aten.mul.Tensor) == CheckpointPolicy.PREFER_RECOMPUTE
+    assert selective_policy(None, torch.ops._c10d_functional.all_reduce.default) == CheckpointPolicy.MUST_SAVE

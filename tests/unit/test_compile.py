@@ -14,7 +14,7 @@ from seqpar.models import Llama
 from seqpar.models.blockwise import apply_blockwise_ffn
 from seqpar.models.compile import compile_model
 from seqpar.models.llama import FeedForward, RMSNorm
-from seqpar.parallel.fsdp import apply_ac
+from seqpar.models.checkpointing import apply_ac
 
 from test_blockwise import saved_bytes
 
@@ -86,7 +86,7 @@ def test_trainer_with_inductor_matches_eager(tmp_path):
     """train.compile=true through the real trainer and inductor (C++ kernels on CPU): the same losses as
     eager up to float32 rounding of fused element-wise code; a checkpoint is saved from the compiled model."""
     from seqpar.train import run
-    from test_train import _cfg
+    from tiny_run import tiny_config as _cfg
 
     torch.set_num_threads(1)
     eager = run(_cfg(tmp_path / "eager", steps=4, every=4))["history"]

@@ -146,6 +146,16 @@ def test_load_run_dir_merges_lora(tmp_path):
         load_model(run_dir, ["model.dim=64"])
 
 
+def test_load_run_dir_without_dcp_checkpoint_names_the_folder(tmp_path):
+    # A committed step folder (meta.json) whose contents are not DCP, e.g. the pre-DCP rank-0.pt format.
+    step = tmp_path / "run" / "checkpoints" / "step-00000003"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text(json.dumps({"step": 3, "world_size": 1}))
+    torch.save({"model": {}}, step / "rank-0.pt")
+    with pytest.raises(ConfigError, match=r"step-00000003 is not a DCP checkpoint \(no \.metadata\)"):
+        load_model(str(tmp_path / "run"), ["model.dim=32"])
+
+
 def test_clis_write_table_and_png(tmp_path, capsys):
     pytest.importorskip("matplotlib")  # the [eval] extra
     pytest.importorskip("safetensors")  # save_hf writes the HF checkpoint the CLIs read

@@ -94,7 +94,7 @@ def test_export_loads_in_transformers_with_merged_lora(tmp_path):
     # Round trip of the config: same ModelConfig back (max_position_embeddings derived = 4 x 32).
     back = model_config_from_hf(read_hf_config(str(tmp_path / "out")))
     assert back.rope_scaling == cfg.rope_scaling and back.max_position_embeddings == 128
-    assert (back.dim, back.n_layers, back.n_heads, back.n_kv_heads, back.ffn_hidden, back.vocab_size) == (64, 2, 4, 2, 96, 101)
+    assert (back.dim, back.n_layers, back.n_heads, back.kv_heads, back.ffn_dim, back.vocab_size) == (64, 2, 4, 2, 96, 101)
 
 
 def test_resave_keeps_format_and_side_files(tmp_path):

@@ -47,6 +47,16 @@ def test_shard_gather_round_trip(layout, n, dim):
     torch.testing.assert_close(gather_shards(shards, dim, layout), x, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_shard_and_gather_are_differentiable(layout):
+    # gather_shards writes each shard into views of the result: the gradient must still reach every shard.
+    x = torch.randn(2, 12, 3, dtype=torch.float64, requires_grad=True)
+    full = gather_shards([shard_sequence(x, 1, layout=layout, rank=r, world_size=3) for r in range(3)], 1, layout)
+    weight = torch.randn_like(x)
+    (full * weight).sum().backward()
+    torch.testing.assert_close(x.grad, weight, rtol=0, atol=0)
+
+
 def test_single_process_without_group_is_identity():
     x = torch.randn(2, 7)  # odd length is fine for a ring of one, whatever the layout
     assert shard_sequence(x, 1) is x

@@ -38,8 +38,8 @@ def inputs(B=2, S=12, V=61, seed=1):
 
 
 def closed_form_params(c: ModelConfig) -> int:
-    D, H, Hkv = c.head_dim, c.n_heads, c.n_kv_heads
-    per_layer = c.dim * H * D + 2 * c.dim * Hkv * D + H * D * c.dim + 3 * c.dim * c.ffn_hidden + 2 * c.dim
+    D, H, Hkv = c.head_dim, c.n_heads, c.kv_heads
+    per_layer = c.dim * H * D + 2 * c.dim * Hkv * D + H * D * c.dim + 3 * c.dim * c.ffn_dim + 2 * c.dim
     head = 0 if c.tie_embeddings else c.vocab_size * c.dim
     return c.vocab_size * c.dim + head + c.n_layers * per_layer + c.dim
 
@@ -118,7 +118,7 @@ def test_missing_vocab_size_names_the_field():
 def reference_forward(model, tokens, positions):
     """Straightforward float64 Llama written from the paper's equations, reading the model's weights."""
     c, p = model.cfg, {k: v.double() for k, v in model.state_dict().items()}
-    D, H, Hkv, S = c.head_dim, c.n_heads, c.n_kv_heads, tokens.shape[1]
+    D, H, Hkv, S = c.head_dim, c.n_heads, c.kv_heads, tokens.shape[1]
 
     def rms(x, w):
         return w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + c.norm_eps)

@@ -4,7 +4,7 @@ One program owns ``BLOCK_M`` query rows of one (batch, head) and walks the key b
 visible to them with the online softmax, in base 2 (``exp2`` of scores pre-multiplied by
 ``softmax_scale * log2(e)``); the returned lse is converted back to natural log.
 
-Masks use global positions (``q_offset + i``, ``k_offset + j``), like :mod:`seqpar.ops.attention_torch`.
+Masks use global positions (``q_offset + i``, ``k_offset + j``), like :mod:`seqpar.ops.attention.reference`.
 The key loop is split into three stages so that only blocks that straddle a mask edge pay for it:
 
     [lo, full_lo)        masked   (left window edge)
@@ -16,32 +16,28 @@ given they are applied in every stage.
 
 Ring-ready: with ``MERGE`` the kernel reads a running ``(out fp32, lse)`` pair for its rows and writes
 the merged pair back in place, so a ring step costs no extra elementwise pass.
+
+Shared helpers (configs, pruning, mask helpers, environment) live in :mod:`.common`.
 """
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from seqpar.ops.attention_torch import _check_inputs
+from seqpar.ops.attention.mask import LocalMask
+from seqpar.ops.attention.triton.common import (_all, _cfg, candidates, check_triton_inputs, doc_ids_arg,
+                                                dot_precision, interpreter_compat, interpreting, key_block_ranges,
+                                                last_dim_contiguous, prune_by, run_kernel, tune_size, visible_mask)
 
-# Read once; deciding the config list needs no device (and the interpreter needs one small config).
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-HEAD_DIMS = (16, 32, 64, 128, 256)
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 # Finite start for the running max: a row whose first blocks are fully masked then gets
 # exp2(-inf - m) = 0 and alpha = exp2(0) = 1 instead of exp2(-inf + inf) = NaN.
 _M_INIT = tl.constexpr(-1.0e30)
-
-
-def _cfg(bm, bn, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-
 
 # (BLOCK_M, BLOCK_N, warps, stages) per head_dim, best measured first (the untuned default for small
 # problems): seeds from FlashAttention/Flex sm90 defaults, kept if spill-free under ptxas and pruned
@@ -53,87 +49,8 @@ FWD_CONFIGS = {
     128: [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3)],
     256: [_cfg(64, 32, 4, 3), _cfg(128, 64, 8, 2)],
 }
-FP32_CONFIG = _cfg(32, 32, 4, 2)  # fp32 tiles are twice the bytes: keep them small
 INTERPRET_FWD_CONFIG = _cfg(32, 16, 4, 1)
-
-
-def _all(table):
-    seen = []
-    for cfgs in table.values():
-        seen += [c for c in cfgs if all(str(c) != str(s) for s in seen)]
-    return seen + [FP32_CONFIG]
-
-
-# Problems under this many FLOPs (4 B H Sq Sk D) run the first listed config untuned: timing them says
-# little, and tests would otherwise compile every candidate of every mask variant. The size class is
-# part of the autotune key, so a small call never pins the config of a large one.
-TUNE_MIN_FLOPS = 1e11
-
-
-def tune_size(b, h, sq, sk, d) -> int:
-    return int(4.0 * b * h * sq * sk * d >= TUNE_MIN_FLOPS)
-
-
-def prune_by_head_dim(table):
-    """early_config_prune hook: the configs listed for this head_dim (only the first for small problems)."""
-
-    def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        if args["Q"].dtype == torch.float32:
-            return [FP32_CONFIG]
-        listed = table[args["HEAD_DIM"]] if args["tune_size"] else table[args["HEAD_DIM"]][:1]
-        wanted = {str(c) for c in listed}
-        return [c for c in configs if str(c) in wanted]
-
-    return prune
-
-
-@triton.jit
-def key_block_ranges(start_m, Sq, Sk, q_offset, k_offset, window_left,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Key-block bounds ``lo <= full_lo <= full_hi <= hi`` for query rows ``[start_m, start_m + BLOCK_M)``.
-
-    ``lo``, ``full_lo``, ``full_hi`` are multiples of BLOCK_N; ``[full_lo, full_hi)`` holds only
-    in-bounds keys that every (in-bounds) row of the block sees.
-    """
-    end_m = tl.minimum(start_m + BLOCK_M, Sq)
-    qp_first = q_offset + start_m
-    qp_last = q_offset + end_m - 1
-    hi = Sk
-    full_hi = (Sk // BLOCK_N) * BLOCK_N  # the ragged tail stays masked
-    lo = 0
-    full_lo = 0
-    if CAUSAL:  # key j visible to row i iff k_offset + j <= q_offset + i
-        hi = tl.minimum(hi, qp_last - k_offset + 1)
-        full_hi = tl.minimum(full_hi, qp_first - k_offset + 1)
-    if HAS_WINDOW:  # and q_pos - k_pos <= window_left
-        lo = tl.maximum(lo, qp_first - window_left - k_offset)
-        full_lo = tl.maximum(full_lo, qp_last - window_left - k_offset)
-    hi = tl.maximum(hi, 0)
-    lo = (tl.minimum(lo, hi) // BLOCK_N) * BLOCK_N  # non-negative before dividing: no rounding sign issues
-    full_lo = tl.maximum(tl.cdiv(full_lo, BLOCK_N) * BLOCK_N, lo)
-    full_hi = tl.minimum((tl.maximum(full_hi, 0) // BLOCK_N) * BLOCK_N, hi)
-    empty = full_hi <= full_lo
-    full_lo = tl.where(empty, lo, full_lo)
-    full_hi = tl.where(empty, lo, full_hi)
-    return lo, full_lo, full_hi, hi
-
-
-@triton.jit
-def visible_mask(q_pos, k_pos, in_bounds, q_doc, k_doc, window_left, MASK_POS: tl.constexpr,
-                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr):
-    """Boolean visibility of broadcastable query/key positions (same rules as attention_torch)."""
-    if MASK_POS:
-        visible = in_bounds
-        if CAUSAL:
-            visible = visible & (q_pos >= k_pos)
-        if HAS_WINDOW:
-            visible = visible & (q_pos - k_pos <= window_left)
-        if HAS_DOCS:
-            visible = visible & (q_doc == k_doc)
-    else:
-        visible = q_doc == k_doc
-    return visible
+fwd_candidates = candidates(FWD_CONFIGS, INTERPRET_FWD_CONFIG)
 
 
 @triton.jit
@@ -179,9 +96,9 @@ def _fwd_stage(acc, l_i, m_i, q, q_pos, q_doc, K_head, V_head, KDoc_b, stride_ks
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=INTERPRET and [INTERPRET_FWD_CONFIG] or _all(FWD_CONFIGS),
+@triton.autotune(configs=_all(FWD_CONFIGS, INTERPRET_FWD_CONFIG),
                  key=["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_DOCS", "MERGE", "tune_size"],
-                 prune_configs_by={"early_config_prune": prune_by_head_dim(FWD_CONFIGS)},
+                 prune_configs_by={"early_config_prune": prune_by(fwd_candidates)},
                  restore_value=["OutAcc", "LseAcc"], cache_results=True)
 @triton.jit(do_not_specialize=["q_offset", "k_offset", "window_left", "tune_size"])
 def _attn_fwd(Q, K, V, Out, Lse, OutAcc, LseAcc, QDoc, KDoc,
@@ -264,74 +181,16 @@ def _attn_fwd(Q, K, V, Out, Lse, OutAcc, LseAcc, QDoc, KDoc,
 # Launcher: owns every shape/stride/dtype check so the kernel can assume them.
 # ----------------------------------------------------------------------------------------------------
 
-def interpreter_compat() -> None:
-    """Make triton 3.6's CPU interpreter run loops with run-time bounds under NumPy >= 2.4.
-
-    The interpreter holds every scalar as a 1-element array and turns it into a loop bound with
-    ``int(array)``, which NumPy 2.4 refuses (an expired deprecation), so any ``tl.range(lo, hi)`` with
-    computed bounds raises. Re-point that conversion at the element. Called by the launchers under
-    TRITON_INTERPRET=1 only (never at import); idempotent; a no-op where the interpreter is absent.
-    """
-    from triton.runtime import interpreter
-    if getattr(interpreter, "_seqpar_index_compat", False) or not hasattr(interpreter, "_patch_lang_tensor"):
-        return
-    patch = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patched
-    interpreter._seqpar_index_compat = True
-
-
-def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    # Kernels index the head dim with unit stride (wide loads); other strides are passed through.
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def check_triton_inputs(q, k, v, q_doc_ids, k_doc_ids, window_left) -> None:
-    """Raise a one-sentence ValueError for anything the kernels cannot take."""
-    _check_inputs(q, k, v, q_doc_ids, k_doc_ids)
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"triton attention needs q, k, v of one dtype among float16/bfloat16/float32; got "
-                         f"{q.dtype}, {k.dtype}, {v.dtype}.")
-    if q.shape[-1] not in HEAD_DIMS:
-        raise ValueError(f"triton attention supports head_dim in {HEAD_DIMS}; got {q.shape[-1]} "
-                         "(use backend='torch' for others).")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}.")
-    if window_left is not None and window_left < 0:
-        raise ValueError(f"window_left must be >= 0 (or None); got {window_left}.")
-    if q_doc_ids is not None:
-        b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
-        if tuple(q_doc_ids.shape) != (b, sq) or tuple(k_doc_ids.shape) != (b, sk):
-            raise ValueError(f"q_doc_ids must be [batch, seq_q]={[b, sq]} and k_doc_ids [batch, seq_k]={[b, sk]}; "
-                             f"got {list(q_doc_ids.shape)} and {list(k_doc_ids.shape)}.")
-
-
-def doc_ids_arg(ids: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    # int32 with unit seq stride; a 1-element dummy keeps the kernel signature fixed when absent.
-    if ids is None:
-        return torch.zeros(1, dtype=torch.int32, device=like.device)
-    return ids.to(device=like.device, dtype=torch.int32).contiguous()
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs are for tests: exact fp32 dots, not TF32. Ignored for 16-bit inputs.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def attention_fwd_launch(q, k, v, *, causal: bool, softmax_scale: Optional[float], q_offset: int, k_offset: int,
-                         window_left: Optional[int], q_doc_ids=None, k_doc_ids=None, out_acc=None, lse_acc=None):
-    """Run the forward kernel. Shapes as in :func:`seqpar.ops.attention_triton.forward`.
+def attention_fwd_launch(q, k, v, mask: LocalMask, *, softmax_scale: Optional[float], out_acc=None, lse_acc=None,
+                         autotune: bool = True):
+    """Run the forward kernel. Shapes as in :func:`seqpar.ops.attention.triton.function.forward`.
 
     Without ``out_acc``: returns fresh ``(out [B, Sq, H, D] in q.dtype, lse [B, H, Sq] fp32)``.
     With ``out_acc`` (fp32 ``[B, Sq, H, D]``) and ``lse_acc`` (fp32 contiguous ``[B, H, Sq]``): merges this
-    call's result into them in place and returns them.
+    call's result into them in place and returns them. ``autotune=False`` runs the first listed tile.
     """
-    check_triton_inputs(q, k, v, q_doc_ids, k_doc_ids, window_left)
-    if INTERPRET:
+    check_triton_inputs(q, k, v, mask)
+    if interpreting():
         interpreter_compat()
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     b, sq, h, d = q.shape
@@ -357,16 +216,17 @@ def attention_fwd_launch(q, k, v, *, causal: bool, softmax_scale: Optional[float
     # autotuner's restore_value copies free.
     dummy = torch.zeros(1, dtype=torch.float32, device=q.device)
     acc_o, acc_l = (out, lse) if merge else (dummy, dummy)
+    q_doc_ids, k_doc_ids, window_left = mask.q_doc_ids, mask.k_doc_ids, mask.window_left
     qd, kd = doc_ids_arg(q_doc_ids, q), doc_ids_arg(k_doc_ids, q)
     grid = lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * h)
-    _attn_fwd[grid](
-        q, k, v, out, lse, acc_o, acc_l, qd, kd,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        acc_o.stride(0) if merge else 0, acc_o.stride(1) if merge else 0, acc_o.stride(2) if merge else 0,
-        qd.stride(0) if q_doc_ids is not None else 0, kd.stride(0) if k_doc_ids is not None else 0,
-        h, h // hkv, sq, sk, int(q_offset), int(k_offset), int(window_left or 0), scale * 1.4426950408889634,
-        tune_size(b, h, sq, sk, d),
-        HEAD_DIM=d, CAUSAL=bool(causal), HAS_WINDOW=window_left is not None, HAS_DOCS=q_doc_ids is not None,
-        MERGE=merge, DOT_PREC=dot_precision(q.dtype))
+    args = (q, k, v, out, lse, acc_o, acc_l, qd, kd,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            acc_o.stride(0) if merge else 0, acc_o.stride(1) if merge else 0, acc_o.stride(2) if merge else 0,
+            qd.stride(0) if q_doc_ids is not None else 0, kd.stride(0) if k_doc_ids is not None else 0,
+            h, h // hkv, sq, sk, int(mask.q_offset), int(mask.k_offset), int(window_left or 0),
+            scale * 1.4426950408889634, tune_size(b, h, sq, sk, d))
+    flags = dict(HEAD_DIM=d, CAUSAL=bool(mask.causal), HAS_WINDOW=window_left is not None,
+                 HAS_DOCS=q_doc_ids is not None, MERGE=merge, DOT_PREC=dot_precision(q.dtype))
+    run_kernel(_attn_fwd, grid, fwd_candidates, autotune, args, flags)
     return out, lse

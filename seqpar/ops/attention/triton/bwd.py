@@ -12,17 +12,10 @@ Three launches, FlashAttention-2's split:
 
 Q/dO tile loads of the dK/dV kernel come in two compile-time variants (``USE_TMA``): per-thread
 pointers (masked on ragged rows), or TMA through device-side tensor descriptors over ``[B, H, Sq, D]``
-(block ``[1, 1, BLOCK_M, D]``; rows >= Sq are zero-filled by the hardware). Selection, per launch:
-
-* ``SEQPAR_TRITON_TMA`` unset: on sm90+ GPUs both variants are autotune candidates (pointers for every
-  listed tile, TMA for the tiles in ``DKDV_TMA_CONFIGS``) and the faster is kept; problems below the
-  tuning size take the pointer default. Pointers only elsewhere (pre-Hopper, the CPU interpreter).
-* ``SEQPAR_TRITON_TMA=0``: pointers only. ``SEQPAR_TRITON_TMA=1``: TMA only, where legal (sm90+ or the
-  interpreter; q and dout with 16-byte aligned base and strides and a unit last stride), else pointers.
-
-The variable is read at every launch (the mode is part of the autotune key), so one process can time
-both. TMA descriptors need triton's global-scratch allocator; the launcher installs a torch-backed one
-in the launching thread if none is set (``ensure_allocator``). Nothing touches a device at import.
+(block ``[1, 1, BLOCK_M, D]``; rows >= Sq are zero-filled by the hardware). The launcher
+(:mod:`.bwd_launch`) chooses the mode per call from its ``tma`` argument (:func:`.bwd_launch.tma_mode`):
+auto tunes both on sm90+ (TMA for the tiles in ``DKDV_TMA_CONFIGS``), ``True`` forces TMA where legal,
+``False`` forces pointers; the mode is part of the autotune key. Nothing touches a device at import.
 
 Probabilities are recomputed as ``exp2(s * scale * log2e - lse * log2e)``: with the final lse of each
 row they are exact, so per-ring-step gradients sum to the gradient of the merged attention. Gradients
@@ -30,18 +23,12 @@ can be added in-kernel into fp32 buffers (``ACCUMULATE``) so a ring needs no ext
 """
 from __future__ import annotations
 
-import functools
-import math
-import os
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 
-from seqpar.ops.attention_triton_fwd import (FP32_CONFIG, INTERPRET, _cfg, _all, check_triton_inputs, doc_ids_arg,
-                                             dot_precision, interpreter_compat, key_block_ranges, last_dim_contiguous,
-                                             prune_by_head_dim, tune_size, visible_mask)
+from seqpar.ops.attention.triton.common import (FP32_CONFIG, _all, _cfg, candidates, interpreting, key_block_ranges,
+                                                prune_by, visible_mask)
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -72,7 +59,6 @@ DKDV_TMA_CONFIGS = {
     64: [_cfg(64, 128, 8, 3), _cfg(64, 128, 8, 2)],
     128: [_cfg(32, 128, 8, 3), _cfg(64, 128, 8, 3)],
 }
-TMA_ENV = "SEQPAR_TRITON_TMA"  # "0": pointer loads only; "1": TMA loads wherever legal; unset: autotune both on sm90+
 
 
 def _with_tma(cfg, on: bool):
@@ -83,64 +69,24 @@ def _both(configs):
     return [_with_tma(c, on) for c in configs for on in (False, True)]
 
 
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple:
-    return torch.cuda.get_device_capability(index)
-
-
-def tma_mode(*tensors: torch.Tensor) -> int:
-    """How the dK/dV kernel loads its Q/dO tiles: 0 pointers, 1 autotune pointers and TMA, 2 TMA only.
-
-    TMA needs 16-byte aligned bases and strides, a unit last stride and sm90+ (or the interpreter,
-    which emulates descriptors). Auto (``SEQPAR_TRITON_TMA`` unset) tunes both on sm90+ GPUs and uses
-    pointers elsewhere, the interpreter included; "1" forces TMA where legal, "0" forces pointers.
-    Read at every launch (cheap), so one process can compare both; never probes a device at import.
-    """
-    env = os.environ.get(TMA_ENV, "").strip()
-    if env == "0":
-        return 0
-    t0 = tensors[0]
-    for t in tensors:
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:-1]) \
-                or max(t.shape) >= 2 ** 31:
-            return 0
-    if INTERPRET and t0.device.type == "cpu":
-        return 2 if env == "1" else 0
-    if not t0.is_cuda or _capability(t0.device.index if t0.device.index is not None else torch.cuda.current_device())[0] < 9:
-        return 0
-    return 2 if env == "1" else 1
-
-
-def _torch_scratch(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def ensure_allocator() -> None:
-    """Device-side tensor descriptors need global scratch from triton's allocator (a per-thread context
-    variable: autograd's backward thread has its own). Install a torch one unless one is set."""
-    try:
-        from triton.runtime import _allocation
-        current = _allocation._allocator.get()
-        if not isinstance(current, _allocation.NullAllocator):
-            return
-    except (ImportError, AttributeError):  # private API moved: set ours (harmless, torch-backed)
-        pass
-    triton.set_allocator(_torch_scratch)
-
-
-def prune_dkdv(configs, named_args, **kwargs):
-    """early_config_prune of the dK/dV kernel: prune_by_head_dim's tiles, in the load variants of tma_mode."""
-    args = {**named_args, **kwargs}
+def dkdv_candidates(args) -> list:
+    """Configs the dK/dV kernel may use for this call, best first: the tiles listed for this head_dim in the
+    load variants of ``args["tma_mode"]`` (0 pointers, 1 both, 2 TMA only; see ``bwd_launch.tma_mode``)."""
     mode, d, tuned = args["tma_mode"], args["HEAD_DIM"], args["tune_size"]
+    if interpreting():  # one tile, in the load variant the launcher chose
+        return [_with_tma(INTERPRET_DKDV_CONFIG, mode == 2)]
     if args["Q"].dtype == torch.float32:
         listed = [FP32_CONFIG]  # fp32 is for tests: one tile, TMA only when forced
         tma_listed = listed if mode == 2 else []
     else:
         listed = DKDV_CONFIGS[d] if tuned else DKDV_CONFIGS[d][:1]
         tma_listed = listed if mode == 2 else [c for c in DKDV_TMA_CONFIGS.get(d, []) if tuned]
-    wanted = [] if mode == 2 else [str(_with_tma(c, False)) for c in listed]
-    wanted += [str(_with_tma(c, True)) for c in tma_listed] if mode else []
-    return [c for c in configs if str(c) in wanted]
+    wanted = [] if mode == 2 else [_with_tma(c, False) for c in listed]
+    return wanted + ([_with_tma(c, True) for c in tma_listed] if mode else [])
+
+
+prune_dkdv = prune_by(dkdv_candidates)
+dq_candidates = candidates(DQ_CONFIGS, INTERPRET_DQ_CONFIG)
 
 
 @triton.jit
@@ -261,11 +207,10 @@ def _dkdv_stage(dk, dv, k, v, k_pos, k_doc, k_ok, Q_b, DO_b, DQ_b, Lse_b, Delta_
     return dk, dv
 
 
-# The interpreter has one config (the autotuner would time two), so there the launcher passes USE_TMA.
-@triton.autotune(configs=INTERPRET and [INTERPRET_DKDV_CONFIG] or _both(_all(DKDV_CONFIGS)),
+@triton.autotune(configs=_both(_all(DKDV_CONFIGS, INTERPRET_DKDV_CONFIG)),
                  key=["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_DOCS", "ACCUMULATE", "DQ_ATOMIC", "tune_size",
                       "tma_mode"],
-                 prune_configs_by={"early_config_prune": prune_dkdv},
+                 prune_configs_by={"early_config_prune": prune_by(dkdv_candidates)},
                  restore_value=["DK", "DV", "DQ"], cache_results=True)
 @triton.jit(do_not_specialize=["q_offset", "k_offset", "window_left", "tune_size", "tma_mode"])
 def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, DQ, QDoc, KDoc,
@@ -279,7 +224,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, DQ, QDoc, KDoc,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr = False):
     """Grid ``(cdiv(Sk, BLOCK_N), B * H // G)``. dK/dV ``[B, Sk, H // G, D]``; dQ (atomic mode) fp32 ``[B, Sq, H, D]``.
 
-    ``tma_mode`` only selects autotune candidates (see :func:`tma_mode`); USE_TMA defaults to pointer
+    ``tma_mode`` only selects autotune candidates (see :func:`.bwd_launch.tma_mode`); USE_TMA defaults to pointer
     loads so a config pinned without it (e.g. a benchmark's precompile) still compiles.
     """
     pid_n = tl.program_id(0)
@@ -377,9 +322,9 @@ def _dq_stage(dq, q, do, lse2, delta, q_pos, q_doc, K_head, V_head, KDoc_b, stri
     return dq
 
 
-@triton.autotune(configs=INTERPRET and [INTERPRET_DQ_CONFIG] or _all(DQ_CONFIGS),
+@triton.autotune(configs=_all(DQ_CONFIGS, INTERPRET_DQ_CONFIG),
                  key=["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_DOCS", "ACCUMULATE", "tune_size"],
-                 prune_configs_by={"early_config_prune": prune_by_head_dim(DQ_CONFIGS)},
+                 prune_configs_by={"early_config_prune": prune_by(dq_candidates)},
                  restore_value=["DQ"], cache_results=True)
 @triton.jit(do_not_specialize=["q_offset", "k_offset", "window_left", "tune_size"])
 def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, QDoc, KDoc,
@@ -436,91 +381,3 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, QDoc, KDoc,
     if ACCUMULATE:
         dq += tl.load(dq_ptrs, mask=row_ok[:, None], other=0.0)
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
-
-
-def _grad_buffer(acc: Optional[torch.Tensor], like: torch.Tensor, dtype: torch.dtype, name: str):
-    """(buffer, accumulate?) for one gradient: the caller's fp32 running sum, or a fresh tensor."""
-    if acc is None:
-        return torch.empty(like.shape, dtype=dtype, device=like.device), False
-    if acc.shape != like.shape or acc.dtype != torch.float32 or acc.stride(-1) != 1:
-        raise ValueError(f"{name} must be float32 {list(like.shape)} with unit last stride; got {acc.dtype} "
-                         f"{list(acc.shape)}.")
-    return acc, True
-
-
-def attention_bwd_launch(dout, q, k, v, out, lse, *, causal: bool, softmax_scale: Optional[float], q_offset: int,
-                         k_offset: int, window_left: Optional[int], q_doc_ids=None, k_doc_ids=None, delta=None,
-                         dq_acc=None, dk_acc=None, dv_acc=None, grad_dtype: torch.dtype = torch.float32,
-                         dq_mode: str = "kernel"):
-    """Run the backward kernels. Shapes as in :func:`seqpar.ops.attention_triton.backward`.
-
-    ``grad_dtype`` is the dtype of freshly allocated gradients (fp32 for the public API; the autograd
-    path asks for the input dtype to skip a cast pass). ``dq_mode``: ``"kernel"`` (separate dQ kernel)
-    or ``"atomic"`` (dQ added by the dK/dV kernel with fp32 atomics).
-    """
-    check_triton_inputs(q, k, v, q_doc_ids, k_doc_ids, window_left)
-    if INTERPRET:
-        interpreter_compat()
-    if dq_mode not in ("kernel", "atomic"):
-        raise ValueError(f"dq_mode must be 'kernel' or 'atomic'; got {dq_mode!r}.")
-    if (dk_acc is None) != (dv_acc is None):
-        raise ValueError("dk_acc and dv_acc must be given together.")
-    q, k, v, dout, out = (last_dim_contiguous(t) for t in (q, k, v, dout, out))
-    b, sq, h, d = q.shape
-    sk, hkv = k.shape[1], k.shape[2]
-    if dout.shape != q.shape or out.shape != q.shape:
-        raise ValueError(f"dout and out must have q's shape {list(q.shape)}; got {list(dout.shape)}, {list(out.shape)}.")
-    if tuple(lse.shape) != (b, h, sq):
-        raise ValueError(f"lse must be [batch, heads, seq_q]={[b, h, sq]}; got {list(lse.shape)}.")
-    lse = lse.to(torch.float32).contiguous()
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    dot_prec = dot_precision(q.dtype)
-    heads = dict(H=h, G=h // hkv, Sq=sq, Sk=sk, q_offset=int(q_offset), k_offset=int(k_offset),
-                 window_left=int(window_left or 0), qk_scale=scale * 1.4426950408889634, sm_scale=scale,
-                 tune_size=tune_size(b, h, sq, sk, d))
-    flags = dict(HEAD_DIM=d, CAUSAL=bool(causal), HAS_WINDOW=window_left is not None,
-                 HAS_DOCS=q_doc_ids is not None, DOT_PREC=dot_prec)
-    if delta is None:
-        delta = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
-        if sq > 0 and b * h > 0:
-            _attn_bwd_preprocess[(triton.cdiv(sq, 64), b * h)](
-                out, dout, delta, out.stride(0), out.stride(1), out.stride(2),
-                dout.stride(0), dout.stride(1), dout.stride(2), h, sq, HEAD_DIM=d, BLOCK_M=64)
-    else:
-        delta = delta.to(torch.float32).contiguous()
-    dk, acc_kv = _grad_buffer(dk_acc, k, grad_dtype, "dk_acc")
-    dv, _ = _grad_buffer(dv_acc, v, grad_dtype, "dv_acc")
-    if dq_mode == "atomic":  # atomics need an fp32 buffer that starts at zero (or the caller's sum)
-        dq = dq_acc if dq_acc is not None else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        _grad_buffer(dq, q, torch.float32, "dq_acc")
-        acc_q = True
-    else:
-        dq, acc_q = _grad_buffer(dq_acc, q, grad_dtype, "dq_acc")
-    if sq == 0 or sk == 0 or b * h == 0:  # nothing visible: zero gradients (accumulators untouched)
-        for t, acc in ((dq, acc_q), (dk, acc_kv), (dv, acc_kv)):
-            if not acc:
-                t.zero_()
-        return dq, dk, dv
-    qd, kd = doc_ids_arg(q_doc_ids, q), doc_ids_arg(k_doc_ids, q)
-    doc_strides = (qd.stride(0) if q_doc_ids is not None else 0, kd.stride(0) if k_doc_ids is not None else 0)
-    mode = tma_mode(q, dout)
-    if mode and not INTERPRET:
-        ensure_allocator()
-    tma_flag = dict(USE_TMA=mode == 2) if INTERPRET else {}
-    _attn_bwd_dkdv[lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), b * hkv)](
-        q, k, v, dout, lse, delta, dk, dv, dq, qd, kd,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2), *doc_strides,
-        **heads, **flags, **tma_flag, tma_mode=mode, ACCUMULATE=acc_kv, DQ_ATOMIC=dq_mode == "atomic")
-    if dq_mode == "kernel":
-        _attn_bwd_dq[lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * h)](
-            q, k, v, dout, lse, delta, dq, qd, kd,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2), *doc_strides,
-            **heads, **flags, ACCUMULATE=acc_q)
-    elif dq_acc is None and grad_dtype != torch.float32:
-        dq = dq.to(grad_dtype)
-    return dq, dk, dv

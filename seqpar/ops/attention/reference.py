@@ -4,13 +4,10 @@ Never materialises the ``S_q x S_k`` score matrix: queries and keys are walked i
 online softmax (running max ``m``, running sum ``l``), and the backward recomputes the probabilities
 block by block from the saved log-sum-exp (FlashAttention's recipe), so memory is O(S * block).
 
-Masks are defined on *global* token positions, so a ring step can ask for the right mask between
-any two blocks: query ``i`` of this call sits at position ``q_offset + i`` and key ``j`` at
-``k_offset + j``. A key is visible when all of these hold:
-
-* ``causal``: ``q_pos >= k_pos``;
-* ``window_left=W``: ``q_pos - k_pos <= W`` (a sliding window of W keys to the left, plus itself);
-* document ids given: ``q_doc_ids[b, i] == k_doc_ids[b, j]`` (packed sequences).
+It implements every mask kind of :class:`seqpar.ops.attention.mask.LocalMask` (causal, left and
+two-sided windows, attention sinks, documents, block-sparse), on *global* positions so a ring step
+can ask for the right mask between any two blocks: query ``i`` of this call sits at ``q_offset + i``
+and key ``j`` at ``k_offset + j``. It is the executable spec of the mask semantics.
 
 GQA: ``k``/``v`` may have ``H_kv`` heads with ``H % H_kv == 0``; queries are viewed as
 ``[B, H_kv, G, S, D]`` so K/V broadcast over the group ``G`` without being copied.
@@ -25,7 +22,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from seqpar.ops.attention.mask import LocalMask
+
 NEG_INF = float("-inf")
+_FULL = LocalMask()
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -33,36 +33,46 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _visible(
-    q_pos: Tensor,  # [bq] global positions of this query block
-    k_pos: Tensor,  # [bk]
-    q_doc: Optional[Tensor],  # [B, bq] or None
-    k_doc: Optional[Tensor],  # [B, bk] or None
-    causal: bool,
-    window_left: Optional[int],
-) -> Optional[Tensor]:
-    """Boolean visibility ``[B or 1, 1, 1, bq, bk]`` broadcastable to scores, or None if all visible."""
-    mask = None
+def _visible(m: LocalMask, qs: int, qe: int, ks: int, ke: int, device) -> Optional[Tensor]:
+    """Boolean visibility ``[B or 1, 1, 1, bq, bk]`` of queries ``[qs, qe)`` and keys ``[ks, ke)`` of
+    this call, broadcastable to scores, or None if all visible."""
+    q_pos = torch.arange(qs, qe, device=device) + m.q_offset  # [bq] global positions
+    k_pos = torch.arange(ks, ke, device=device) + m.k_offset  # [bk]
     diff = q_pos[:, None] - k_pos[None, :]  # [bq, bk]
-    if causal:
-        mask = diff >= 0
-    if window_left is not None:
-        w = diff <= window_left
-        mask = w if mask is None else mask & w
-    if mask is not None:
-        mask = mask[None, None, None]  # [1, 1, 1, bq, bk]
-    if q_doc is not None:
-        d = (q_doc[:, :, None] == k_doc[:, None, :])[:, None, None]  # [B, 1, 1, bq, bk]
+    mask = None  # [B or 1, bq, bk]
+    if m.causal:
+        mask = (diff >= 0)[None]
+    win = None
+    if m.window_left is not None:
+        win = diff <= m.window_left
+    if m.window_right is not None:
+        right = -diff <= m.window_right
+        win = right if win is None else win & right
+    if win is not None:
+        win = win[None]
+        if m.k_sink is not None:  # sinks are visible through the window (not past causality)
+            win = win | m.k_sink[:, None, ks:ke].to(device)
+        mask = win if mask is None else mask & win
+    if m.block_sparse is not None:
+        size, vis = m.block_sparse
+        vis = vis.to(device)
+        blk = vis[(q_pos // size)[:, None], (k_pos // size)[None, :]][None]  # [1, bq, bk]
+        mask = blk if mask is None else mask & blk
+    if m.q_doc_ids is not None:
+        d = m.q_doc_ids[:, qs:qe, None] == m.k_doc_ids[:, None, ks:ke]  # [B, bq, bk]
         mask = d if mask is None else mask & d
-    return mask
+    return None if mask is None else mask[:, None, None]
 
 
-def _block_skippable(q_lo: int, q_hi: int, k_lo: int, k_hi: int, causal: bool, window_left) -> bool:
-    """True when no (query, key) pair of the two position ranges [lo, hi) can be visible."""
-    if causal and q_hi - 1 < k_lo:  # last query is before the first key
+def _block_skippable(m: LocalMask, q_lo: int, q_hi: int, k_lo: int, k_hi: int) -> bool:
+    """True when no (query, key) pair of the global position ranges [lo, hi) can be visible."""
+    if m.causal and q_hi - 1 < k_lo:  # last query is before the first key
         return True
-    if window_left is not None and q_lo - (k_hi - 1) > window_left:  # first query too far right
-        return True
+    if m.k_sink is None:  # sinks can be visible from anywhere: no window skipping then
+        if m.window_left is not None and q_lo - (k_hi - 1) > m.window_left:  # first query too far right
+            return True
+        if m.window_right is not None and k_lo - (q_hi - 1) > m.window_right:  # last query too far left
+            return True
     return False
 
 
@@ -72,7 +82,8 @@ def _split_heads(q: Tensor, n_kv: int) -> Tensor:
     return q.view(b, s, n_kv, h // n_kv, d).permute(0, 2, 3, 1, 4)
 
 
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor, q_doc_ids, k_doc_ids) -> None:
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Optional[LocalMask] = None) -> None:
+    """Raise a one-sentence ValueError for shapes no backend can take (and doc ids of the wrong size)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"attention expects [batch, seq, heads, head_dim] tensors; got q{tuple(q.shape)} "
                          f"k{tuple(k.shape)} v{tuple(v.shape)}.")
@@ -82,22 +93,20 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, q_doc_ids, k_doc_ids) -> None
     if q.shape[2] % k.shape[2] != 0:
         raise ValueError(f"query heads {q.shape[2]} are not divisible by key/value heads {k.shape[2]}; "
                          "n_heads must be a multiple of n_kv_heads.")
-    if (q_doc_ids is None) != (k_doc_ids is None):
-        raise ValueError("q_doc_ids and k_doc_ids must be given together (or neither).")
+    if mask is not None and mask.q_doc_ids is not None:
+        b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
+        if tuple(mask.q_doc_ids.shape) != (b, sq) or tuple(mask.k_doc_ids.shape) != (b, sk):
+            raise ValueError(f"q_doc_ids must be [batch, seq_q]={[b, sq]} and k_doc_ids [batch, seq_k]={[b, sk]}; "
+                             f"got {list(mask.q_doc_ids.shape)} and {list(mask.k_doc_ids.shape)}.")
 
 
-def attention_forward_torch(
+def forward(
     q: Tensor,  # [B, Sq, H, D]
     k: Tensor,  # [B, Sk, Hkv, D]
     v: Tensor,  # [B, Sk, Hkv, D]
+    mask: LocalMask = _FULL,
     *,
-    causal: bool = False,
     softmax_scale: Optional[float] = None,
-    q_offset: int = 0,
-    k_offset: int = 0,
-    window_left: Optional[int] = None,
-    q_doc_ids: Optional[Tensor] = None,  # [B, Sq]
-    k_doc_ids: Optional[Tensor] = None,  # [B, Sk]
     block_q: int = 512,
     block_k: int = 512,
 ) -> tuple[Tensor, Tensor]:
@@ -105,7 +114,7 @@ def attention_forward_torch(
 
     lse is natural-log, float32 (float64 for float64 inputs), ``-inf`` for rows that see no key.
     """
-    _check_inputs(q, k, v, q_doc_ids, k_doc_ids)
+    check_inputs(q, k, v, mask)
     b, sq, h, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     g = h // hkv
@@ -116,8 +125,7 @@ def attention_forward_torch(
     vh = v.permute(0, 2, 1, 3).unsqueeze(2)  # [B, Hkv, 1, Sk, D]
     out = torch.zeros(b, hkv, g, sq, d, dtype=acc, device=q.device)
     lse = torch.full((b, hkv, g, sq), NEG_INF, dtype=acc, device=q.device)
-    q_pos_all = torch.arange(sq, device=q.device) + q_offset
-    k_pos_all = torch.arange(sk, device=q.device) + k_offset
+    qo, ko = mask.q_offset, mask.k_offset
 
     for qs in range(0, sq, block_q):
         qe = min(qs + block_q, sq)
@@ -127,14 +135,12 @@ def attention_forward_torch(
         o = torch.zeros(b, hkv, g, qe - qs, d, dtype=acc, device=q.device)
         for ks in range(0, sk, block_k):
             ke = min(ks + block_k, sk)
-            if _block_skippable(q_offset + qs, q_offset + qe, k_offset + ks, k_offset + ke, causal, window_left):
+            if _block_skippable(mask, qo + qs, qo + qe, ko + ks, ko + ke):
                 continue
             s = qb @ kh[:, :, :, ks:ke].to(acc).transpose(-1, -2)  # [B, Hkv, G, bq, bk]
-            mask = _visible(q_pos_all[qs:qe], k_pos_all[ks:ke],
-                            None if q_doc_ids is None else q_doc_ids[:, qs:qe],
-                            None if k_doc_ids is None else k_doc_ids[:, ks:ke], causal, window_left)
-            if mask is not None:
-                s = s.masked_fill(~mask, NEG_INF)
+            vis = _visible(mask, qs, qe, ks, ke, q.device)
+            if vis is not None:
+                s = s.masked_fill(~vis, NEG_INF)
             m_new = torch.maximum(m, s.amax(-1))
             m_safe = torch.where(m_new == NEG_INF, 0.0, m_new)  # rows with nothing visible yet
             p = torch.exp(s - m_safe[..., None])
@@ -151,21 +157,16 @@ def attention_forward_torch(
     return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
 
 
-def attention_backward_torch(
+def backward(
     dout: Tensor,  # [B, Sq, H, D]
     q: Tensor,
     k: Tensor,
     v: Tensor,
     out: Tensor,  # [B, Sq, H, D], the FINAL output of the rows (global, after any ring merge)
     lse: Tensor,  # [B, H, Sq], the FINAL log-sum-exp of the rows
+    mask: LocalMask = _FULL,
     *,
-    causal: bool = False,
     softmax_scale: Optional[float] = None,
-    q_offset: int = 0,
-    k_offset: int = 0,
-    window_left: Optional[int] = None,
-    q_doc_ids: Optional[Tensor] = None,
-    k_doc_ids: Optional[Tensor] = None,
     delta: Optional[Tensor] = None,  # [B, H, Sq] = rowsum(dout * out), computed if None
     block_q: int = 512,
     block_k: int = 512,
@@ -174,9 +175,10 @@ def attention_backward_torch(
     dtype (float32, or float64 for float64 inputs) so ring steps can sum them without rounding.
 
     Because ``lse`` and ``delta`` are the final statistics of each query row, calling this once per
-    key block of a ring and summing gives exactly the gradient of the merged attention.
+    key block of a ring and summing gives exactly the gradient of the merged attention. A gradient
+    through lse is folded in by the caller as ``delta - dlse``.
     """
-    _check_inputs(q, k, v, q_doc_ids, k_doc_ids)
+    check_inputs(q, k, v, mask)
     b, sq, h, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     g = h // hkv
@@ -193,8 +195,7 @@ def attention_backward_torch(
     dq = torch.zeros(b, hkv, g, sq, d, dtype=acc, device=q.device)
     dk = torch.zeros(b, hkv, sk, d, dtype=acc, device=q.device)
     dv = torch.zeros(b, hkv, sk, d, dtype=acc, device=q.device)
-    q_pos_all = torch.arange(sq, device=q.device) + q_offset
-    k_pos_all = torch.arange(sk, device=q.device) + k_offset
+    qo, ko = mask.q_offset, mask.k_offset
 
     for qs in range(0, sq, block_q):
         qe = min(qs + block_q, sq)
@@ -206,17 +207,15 @@ def attention_backward_torch(
         dl_b = delta_h[:, :, :, qs:qe][..., None]
         for ks in range(0, sk, block_k):
             ke = min(ks + block_k, sk)
-            if _block_skippable(q_offset + qs, q_offset + qe, k_offset + ks, k_offset + ke, causal, window_left):
+            if _block_skippable(mask, qo + qs, qo + qe, ko + ks, ko + ke):
                 continue
             kb = kh[:, :, :, ks:ke].to(acc)  # [B, Hkv, 1, bk, D]
             vb = vh[:, :, :, ks:ke].to(acc)
             s = (qb @ kb.transpose(-1, -2)) * scale  # [B, Hkv, G, bq, bk]
             p = torch.exp(s - lse_safe)
-            mask = _visible(q_pos_all[qs:qe], k_pos_all[ks:ke],
-                            None if q_doc_ids is None else q_doc_ids[:, qs:qe],
-                            None if k_doc_ids is None else k_doc_ids[:, ks:ke], causal, window_left)
-            if mask is not None:
-                p = p.masked_fill(~mask, 0.0)
+            vis = _visible(mask, qs, qe, ks, ke, q.device)
+            if vis is not None:
+                p = p.masked_fill(~vis, 0.0)
             dv[:, :, ks:ke] += (p.transpose(-1, -2) @ dob).sum(2)  # sum over the GQA group
             dp = dob @ vb.transpose(-1, -2)  # [B, Hkv, G, bq, bk]
             ds = p * (dp - dl_b) * scale
@@ -229,17 +228,14 @@ def attention_backward_torch(
     return dq, dk, dv
 
 
-class TorchAttentionFn(torch.autograd.Function):
+class ReferenceAttentionFn(torch.autograd.Function):
     """Autograd wrapper: saves q, k, v, out, lse; backward recomputes blockwise (O(S) memory)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale, q_offset, k_offset, window_left, q_doc_ids, k_doc_ids):
-        out, lse = attention_forward_torch(
-            q, k, v, causal=causal, softmax_scale=softmax_scale, q_offset=q_offset, k_offset=k_offset,
-            window_left=window_left, q_doc_ids=q_doc_ids, k_doc_ids=k_doc_ids)
-        ctx.save_for_backward(q, k, v, out, lse, q_doc_ids, k_doc_ids)
-        ctx.opts = dict(causal=causal, softmax_scale=softmax_scale, q_offset=q_offset, k_offset=k_offset,
-                        window_left=window_left)
+    def forward(ctx, q, k, v, mask, softmax_scale):
+        out, lse = forward(q, k, v, mask, softmax_scale=softmax_scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mask, ctx.scale = mask, softmax_scale  # holds its doc-id tensors (never differentiated)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -247,14 +243,12 @@ class TorchAttentionFn(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         # lse is an output for the ring merge; gradients flowing into it are not supported here
         # (the ring path differentiates through its own merge), so _dlse is ignored.
-        q, k, v, out, lse, q_doc_ids, k_doc_ids = ctx.saved_tensors
-        dq, dk, dv = attention_backward_torch(dout, q, k, v, out, lse, q_doc_ids=q_doc_ids,
-                                              k_doc_ids=k_doc_ids, **ctx.opts)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = backward(dout, q, k, v, out, lse, ctx.mask, softmax_scale=ctx.scale)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
-def attention_torch(q, k, v, *, causal=False, softmax_scale=None, q_offset=0, k_offset=0, window_left=None,
-                    q_doc_ids=None, k_doc_ids=None) -> tuple[Tensor, Tensor]:
-    """Differentiable ``(out, lse)``; see :func:`attention_forward_torch` for arguments and shapes."""
-    return TorchAttentionFn.apply(q, k, v, causal, softmax_scale, q_offset, k_offset, window_left,
-                                  q_doc_ids, k_doc_ids)
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: LocalMask = _FULL, *,
+              softmax_scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """Differentiable ``(out, lse)``; see :func:`forward` for arguments and shapes."""
+    return ReferenceAttentionFn.apply(q, k, v, mask, softmax_scale)

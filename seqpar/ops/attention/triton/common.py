@@ -1,0 +1,212 @@
+"""Helpers shared by the Triton forward and backward kernels: configs, pruning, mask helpers, checks.
+
+Environment (the ONE place seqpar reads it for the Triton backend; every read is at call time):
+
+* ``TRITON_INTERPRET=1``: run kernels in triton's CPU interpreter. Triton itself reads it when
+  ``@triton.jit`` decorates a function (at import of :mod:`.fwd`/:mod:`.bwd`: that is triton's
+  behaviour, not ours), so it must be set before those modules are first imported; tests run the
+  interpreter in child processes with the variable set. seqpar reads it per call
+  (:func:`interpreting`) to pick the interpreter's small configs, to skip timing (the autotuner
+  cannot time interpreted programs), to apply :func:`interpreter_compat`, and in the registry to
+  declare the backend available on CPU (fp16/fp32 only: the interpreter's bf16 dot is wrong).
+* ``SEQPAR_TRITON_TMA``: default of the backward's ``tma`` argument when the caller passes None:
+  ``"0"`` pointer loads only, ``"1"`` TMA loads wherever legal, unset/other: auto (both autotuned
+  on sm90+). An explicit ``tma=True/False`` argument wins (see :func:`env_tma`).
+
+Autotuning: each kernel's ``triton.autotune`` lists EVERY candidate (GPU tiles, the fp32 tile and the
+interpreter tile); the ``early_config_prune`` hooks choose among them at call time from the
+arguments (head_dim, dtype, size class, TMA mode, interpreter), via the same ``candidates`` functions
+that the untuned path (``autotune=False``, and always under the interpreter) takes the first of.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from seqpar.ops.attention.mask import LocalMask
+from seqpar.ops.attention.reference import check_inputs
+
+HEAD_DIMS = (16, 32, 64, 128, 256)
+MASK_KINDS = frozenset({"causal", "window", "documents"})  # what the kernels express (left window only)
+TMA_ENV = "SEQPAR_TRITON_TMA"
+
+
+def interpreting() -> bool:
+    """Whether triton's CPU interpreter is on (``TRITON_INTERPRET=1``), read now."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def env_tma(tma: Optional[bool]) -> Optional[bool]:
+    """The caller's ``tma`` if given, else ``SEQPAR_TRITON_TMA`` read now ("0" False, "1" True, else None: auto)."""
+    if tma is not None:
+        return tma
+    env = os.environ.get(TMA_ENV, "").strip()
+    return {"0": False, "1": True}.get(env)
+
+
+def _cfg(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+FP32_CONFIG = _cfg(32, 32, 4, 2)  # fp32 tiles are twice the bytes: keep them small (fp32 is for tests)
+
+
+def _all(table, *extra):
+    """Every distinct config of a {head_dim: [configs]} table, then FP32_CONFIG and ``extra``."""
+    seen = []
+    for cfgs in [*table.values(), [FP32_CONFIG, *extra]]:
+        seen += [c for c in cfgs if all(str(c) != str(s) for s in seen)]
+    return seen
+
+
+# Problems under this many FLOPs (4 B H Sq Sk D) run the first listed config untuned: timing them says
+# little, and tests would otherwise compile every candidate of every mask variant. The size class is
+# part of the autotune key, so a small call never pins the config of a large one.
+TUNE_MIN_FLOPS = 1e11
+
+
+def tune_size(b, h, sq, sk, d) -> int:
+    return int(4.0 * b * h * sq * sk * d >= TUNE_MIN_FLOPS)
+
+
+def candidates(table, interpret_config) -> Callable[[dict], list]:
+    """``f(args) -> configs`` this call may use, best first: the interpreter's one tile, the fp32 tile,
+    or the tiles listed for this head_dim (only the first for small problems)."""
+
+    def pick(args):
+        if interpreting():
+            return [interpret_config]
+        if args["Q"].dtype == torch.float32:
+            return [FP32_CONFIG]
+        return table[args["HEAD_DIM"]] if args["tune_size"] else table[args["HEAD_DIM"]][:1]
+
+    return pick
+
+
+def prune_by(pick: Callable[[dict], list]):
+    """early_config_prune hook keeping the configs ``pick`` lists for this call (in listed order)."""
+
+    def prune(configs, named_args, **kwargs):
+        wanted = {str(c) for c in pick({**named_args, **kwargs})}
+        return [c for c in configs if str(c) in wanted]
+
+    return prune
+
+
+def run_kernel(kernel, grid, pick: Callable[[dict], list], autotune: bool, args: tuple, kwargs: dict) -> None:
+    """Launch an autotuned ``kernel``: through its autotuner (GPU, ``autotune=True``), or the first
+    candidate straight on the jit function (``autotune=False``; always in the interpreter, where
+    timing says nothing and would run every program several times in Python)."""
+    if autotune and not interpreting():
+        kernel[grid](*args, **kwargs)
+        return
+    named = dict(zip(kernel.arg_names, args))
+    cfg = pick({**named, **kwargs})[0]
+    kernel.fn[grid](*args, **kwargs, **cfg.all_kwargs())
+
+
+@triton.jit
+def key_block_ranges(start_m, Sq, Sk, q_offset, k_offset, window_left,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Key-block bounds ``lo <= full_lo <= full_hi <= hi`` for query rows ``[start_m, start_m + BLOCK_M)``.
+
+    ``lo``, ``full_lo``, ``full_hi`` are multiples of BLOCK_N; ``[full_lo, full_hi)`` holds only
+    in-bounds keys that every (in-bounds) row of the block sees. Used by the forward and dQ kernels.
+    """
+    end_m = tl.minimum(start_m + BLOCK_M, Sq)
+    qp_first = q_offset + start_m
+    qp_last = q_offset + end_m - 1
+    hi = Sk
+    full_hi = (Sk // BLOCK_N) * BLOCK_N  # the ragged tail stays masked
+    lo = 0
+    full_lo = 0
+    if CAUSAL:  # key j visible to row i iff k_offset + j <= q_offset + i
+        hi = tl.minimum(hi, qp_last - k_offset + 1)
+        full_hi = tl.minimum(full_hi, qp_first - k_offset + 1)
+    if HAS_WINDOW:  # and q_pos - k_pos <= window_left
+        lo = tl.maximum(lo, qp_first - window_left - k_offset)
+        full_lo = tl.maximum(full_lo, qp_last - window_left - k_offset)
+    hi = tl.maximum(hi, 0)
+    lo = (tl.minimum(lo, hi) // BLOCK_N) * BLOCK_N  # non-negative before dividing: no rounding sign issues
+    full_lo = tl.maximum(tl.cdiv(full_lo, BLOCK_N) * BLOCK_N, lo)
+    full_hi = tl.minimum((tl.maximum(full_hi, 0) // BLOCK_N) * BLOCK_N, hi)
+    empty = full_hi <= full_lo
+    full_lo = tl.where(empty, lo, full_lo)
+    full_hi = tl.where(empty, lo, full_hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def visible_mask(q_pos, k_pos, in_bounds, q_doc, k_doc, window_left, MASK_POS: tl.constexpr,
+                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """Boolean visibility of broadcastable query/key positions (same rules as the reference)."""
+    if MASK_POS:
+        visible = in_bounds
+        if CAUSAL:
+            visible = visible & (q_pos >= k_pos)
+        if HAS_WINDOW:
+            visible = visible & (q_pos - k_pos <= window_left)
+        if HAS_DOCS:
+            visible = visible & (q_doc == k_doc)
+    else:
+        visible = q_doc == k_doc
+    return visible
+
+
+def interpreter_compat() -> None:
+    """Make triton 3.6's CPU interpreter run loops with run-time bounds under NumPy >= 2.4.
+
+    Works around: the interpreter holds every scalar as a 1-element array and turns it into a loop
+    bound with ``int(array)``, which NumPy 2.4 refuses (an expired deprecation), so any
+    ``tl.range(lo, hi)`` with computed bounds raises. Re-point that conversion at the element.
+    Called by the launchers when :func:`interpreting` (never at import); idempotent; a no-op where
+    the interpreter is absent.
+    """
+    from triton.runtime import interpreter
+    if getattr(interpreter, "_seqpar_index_compat", False) or not hasattr(interpreter, "_patch_lang_tensor"):
+        return
+    patch = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+    interpreter._seqpar_index_compat = True
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    # Kernels index the head dim with unit stride (wide loads); other strides are passed through.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def check_triton_inputs(q, k, v, mask: LocalMask) -> None:
+    """Raise a one-sentence ValueError for anything the kernels cannot take."""
+    check_inputs(q, k, v, mask)
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"triton attention needs q, k, v of one dtype among float16/bfloat16/float32; got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}.")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"triton attention supports head_dim in {HEAD_DIMS}; got {q.shape[-1]} "
+                         "(use backend='torch' for others).")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}.")
+    extra = mask.kinds - MASK_KINDS
+    if extra:
+        raise ValueError(f"triton attention supports no {sorted(extra)} masks; use backend='torch'.")
+
+
+def doc_ids_arg(ids: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    # int32 with unit seq stride; a 1-element dummy keeps the kernel signature fixed when absent.
+    if ids is None:
+        return torch.zeros(1, dtype=torch.int32, device=like.device)
+    return ids.to(device=like.device, dtype=torch.int32).contiguous()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs are for tests: exact fp32 dots, not TF32. Ignored for 16-bit inputs.
+    return "ieee" if dtype == torch.float32 else "tf32"
