@@ -181,9 +181,9 @@ _LAST_TUNING = {}
 
 def tuning_timings():
     """Per-candidate median ms of autotune runs that finished since the last call (for the notes)."""
-    from seqpar.ops.attention.triton import bwd as B, fwd as F
+    from seqpar.ops.attention.triton import bwd as B, bwd_dq as BQ, fwd as F
     out = {}
-    for name, kern in (("fwd", F._attn_fwd), ("dkdv", B._attn_bwd_dkdv), ("dq", B._attn_bwd_dq)):
+    for name, kern in (("fwd", F._attn_fwd), ("dkdv", B._attn_bwd_dkdv), ("dq", BQ._attn_bwd_dq)):
         timings = getattr(kern, "configs_timings", None)
         if timings and timings is not _LAST_TUNING.get(name):
             _LAST_TUNING[name] = timings
@@ -193,9 +193,9 @@ def tuning_timings():
 
 def autotuned_configs():
     """The configs each autotuned kernel picked, per key (they go into the JSON)."""
-    from seqpar.ops.attention.triton import bwd as B, fwd as F
+    from seqpar.ops.attention.triton import bwd as B, bwd_dq as BQ, fwd as F
     out = {}
-    for name, kern in (("fwd", F._attn_fwd), ("dkdv", B._attn_bwd_dkdv), ("dq", B._attn_bwd_dq)):
+    for name, kern in (("fwd", F._attn_fwd), ("dkdv", B._attn_bwd_dkdv), ("dq", BQ._attn_bwd_dq)):
         out[name] = {str(k): str(c) for k, c in kern.cache.items()}
     return out
 
@@ -209,11 +209,11 @@ def _warm(task):
     os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     try:
         if impl.startswith("triton"):
-            from seqpar.ops.attention.triton import bwd as B, fwd as F
+            from seqpar.ops.attention.triton import bwd as B, bwd_dq as BQ, fwd as F
             # Pin each autotuner to its idx-th candidate: compiling it fills the shared on-disk cache.
             # Block sizes, not shapes, select the binary, so a small problem compiles the same kernels.
             for kern, table in ((F._attn_fwd, F.FWD_CONFIGS), (B._attn_bwd_dkdv, B.DKDV_CONFIGS),
-                                (B._attn_bwd_dq, B.DQ_CONFIGS)):
+                                (BQ._attn_bwd_dq, BQ.DQ_CONFIGS)):
                 kern.configs = [table[d][min(idx, len(table[d]) - 1)]]
             s, b = 1024, 1
         q, k, v, dout = inputs(b, s, 32, d, mode)
@@ -225,7 +225,7 @@ def _warm(task):
 
 
 def precompile(args, workers):
-    from seqpar.ops.attention.triton import bwd as B, fwd as F
+    from seqpar.ops.attention.triton import bwd as B, bwd_dq as BQ, fwd as F
     tasks = []
     for d, causal, s, b, mode in cases(args):
         for impl in args.impls:
@@ -234,7 +234,7 @@ def precompile(args, workers):
             if impl == "flex":
                 tasks.append(("flex", d, causal, s, b, mode, 0, 0))
             elif impl.startswith("triton"):
-                n = max(len(t[d]) for t in (F.FWD_CONFIGS, B.DKDV_CONFIGS, B.DQ_CONFIGS))
+                n = max(len(t[d]) for t in (F.FWD_CONFIGS, B.DKDV_CONFIGS, BQ.DQ_CONFIGS))
                 tasks += [(impl, d, causal, s, b, mode, i, 0) for i in range(n)]
     tasks.sort(key=lambda t: -t[3])  # big Flex shapes first: they take longest
     tasks = [t[:-1] + (i % len(args.gpus),) for i, t in enumerate(tasks)]

@@ -62,3 +62,21 @@ def mask_matrix(b, s, *, causal=True, window=None, sinks=0, doc_ids=None, block_
                     continue
                 out[r, i, j] = True
     return out
+
+
+def global_mask_case(spec):
+    """``(LocalMask, dict(visible=...))`` of a case ``(B, Sq, Sk, H, Hkv, D, dtype, opts)`` with
+    ``opts = dict(mask=Mask kwargs (lists allowed), S=global length, q=(offset, stride), k=(offset, stride))``:
+    ``Mask(...).local`` with strides, and the pair-by-pair visibility ``[B, Sq, Sk]`` of those rows and keys."""
+    from seqpar.ops import Mask
+    b, sq, sk, *_, opts = spec
+    kw = dict(opts["mask"])
+    if kw.get("doc_ids") is not None:
+        kw["doc_ids"] = torch.as_tensor(kw["doc_ids"])
+    if kw.get("block_sparse") is not None:
+        kw["block_sparse"] = (kw["block_sparse"][0], torch.as_tensor(kw["block_sparse"][1]))
+    s = opts.get("S", max(sq, sk))
+    (qo, qs), (ko, ks) = opts.get("q", (0, 1)), opts.get("k", (0, 1))
+    local = Mask(**kw).local(qo, sq, ko, sk, q_stride=qs, k_stride=ks)
+    vis = mask_matrix(b, s, **kw)[:, qo::qs][:, :sq][:, :, ko::ks][:, :, :sk]  # [B, Sq, Sk]
+    return local, dict(visible=vis)

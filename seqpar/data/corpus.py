@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 from seqpar.config import DataConfig
+from seqpar.errors import ConfigError
 
 # Directories of the stdlib tree left out of the embedded corpus, and why:
 #  site-packages: third-party code installed into this interpreter; not "the stdlib", and its size
@@ -84,17 +85,46 @@ def resolve_paths(patterns: Iterable[str]) -> list[Path]:
     return list(dict.fromkeys(out))
 
 
+# A text file where more than this fraction of the characters are undecodable bytes (U+FFFD) or control
+# characters other than whitespace is binary, not text (random bytes: ~60%; latin-1 prose: a few %).
+MAX_GARBAGE_FRACTION = 0.2
+_WHITESPACE_CONTROLS = frozenset("\t\n\r\f\v")
+
+
+def garbage_fraction(text: str) -> float:
+    """The fraction of ``text``'s characters that are U+FFFD (undecodable bytes) or non-whitespace controls."""
+    if not text:
+        return 0.0
+    bad = sum(1 for c in text if c == "\ufffd" or (c < " " and c not in _WHITESPACE_CONTROLS) or c == "\x7f")
+    return bad / len(text)
+
+
+def check_text(text: str, where: str) -> None:
+    """Raise ConfigError when ``text`` (a document read from ``where``) looks like binary data."""
+    frac = garbage_fraction(text[:1_000_000])  # a prefix decides: the check must not cost a second read
+    if frac > MAX_GARBAGE_FRACTION:
+        raise ConfigError(f"data.paths file {where!r} does not look like text: {frac:.0%} of its characters are "
+                          "undecodable bytes or control characters (more than "
+                          f"{MAX_GARBAGE_FRACTION:.0%}); give UTF-8 text files, or remove it from data.paths.")
+
+
 def text_documents(paths: Iterable[Path]) -> Iterator[str]:
-    """Yield each file as one document (UTF-8; undecodable bytes become U+FFFD)."""
+    """Yield each file as one document (UTF-8; undecodable bytes become U+FFFD).
+
+    Raises:
+        ConfigError: a file that is binary rather than text (:func:`check_text`).
+    """
     for path in paths:
-        yield Path(path).read_bytes().decode("utf-8", errors="replace")
+        text = Path(path).read_bytes().decode("utf-8", errors="replace")
+        check_text(text, str(path))
+        yield text
 
 
 def jsonl_documents(paths: Iterable[Path], field: str = "text") -> Iterator[str]:
     """Yield ``obj[field]`` for each non-blank line of each JSON Lines file.
 
     Raises:
-        ValueError: a line is not a JSON object with a string ``field``; names file and line number.
+        ConfigError (a ValueError): a line is not a JSON object with a string ``field``; names file and line.
     """
     for path in paths:
         with open(path, "r", encoding="utf-8", errors="replace") as f:
@@ -104,12 +134,12 @@ def jsonl_documents(paths: Iterable[Path], field: str = "text") -> Iterator[str]
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(
+                    raise ConfigError(
                         f"data.paths file {str(path)!r} line {lineno} is not valid JSON ({e.msg}); "
                         "fix or remove that line."
                     ) from None
                 if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
-                    raise ValueError(
+                    raise ConfigError(
                         f"data.paths file {str(path)!r} line {lineno} has no string field {field!r}; "
                         "set data.jsonl_field to the key that holds the document text."
                     )

@@ -4,8 +4,10 @@ The stream is ``[BOS] doc_0 [EOS] [BOS] doc_1 [EOS] ...`` as one int32 array. Ro
 window ``stream[i*S : i*S + S + 1]`` (S = seq_len): inputs ``row[:-1]``, targets ``row[1:]``.
 Consecutive rows share one boundary token, so every token of the stream (bar the last ``N-1 mod S``
 ones) is a target exactly once. A target that is a BOS gets label ``-100``: nothing in a document
-predicts which document comes next. Documents are not masked from each other inside a row;
-``doc_ids`` and document ``positions`` are there for a model that wants to.
+predicts which document comes next. Every batch carries ``doc_ids`` (the GLOBAL ``[B, S]`` ids of
+the row, non-decreasing): under ``data.doc_mask=true`` (the default, as Llama 3 trains) the trainer
+hands them to the model, which masks attention at document boundaries, and positions restart at 0 in
+each document (``data.position_ids=auto``); ``false`` lets a row attend across its documents.
 """
 from __future__ import annotations
 
@@ -227,12 +229,12 @@ def build_data(
         return pack_documents([docs[i] for i in order], tokenizer.bos_id, tokenizer.eos_id)
 
     kw = dict(seq_len=seq_len, batch_size=batch_size, seed=seed, dp_rank=dp_rank, dp_size=dp_size)
-    train = PackedBatches(pack(train_order), loop=True, position_ids=cfg.position_ids, **kw)
+    train = PackedBatches(pack(train_order), loop=True, position_ids=cfg.position_mode, **kw)
     val = None
     if len(val_order) > 0:
         val_stream = pack(val_order)
         if val_stream.num_rows(seq_len) >= batch_size * dp_size:
-            val = PackedBatches(val_stream, loop=False, position_ids=cfg.position_ids, **kw)
+            val = PackedBatches(val_stream, loop=False, position_ids=cfg.position_mode, **kw)
         else:
             need = batch_size * dp_size * seq_len + 1
             warnings.warn(

@@ -65,9 +65,9 @@ def _selective_recompute(step, *args):
     return checkpoint(step, *args, use_reentrant=False, context_fn=context_fn)
 
 
-def _full_forward(block_forward, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # Keeps only the block input h [B, S, dim] (cos/sin are shared by all blocks).
-    return checkpoint(block_forward, h, cos, sin, use_reentrant=False)
+def _full_forward(block_forward, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *mask) -> torch.Tensor:
+    # Keeps only the block input h [B, S, dim] (cos/sin and the attention Mask are shared by all blocks).
+    return checkpoint(block_forward, h, cos, sin, *mask, use_reentrant=False)
 
 
 def apply_ac(model: nn.Module, mode: str) -> None:

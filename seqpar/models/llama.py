@@ -1,7 +1,9 @@
 """Llama-style decoder with an injected attention function.
 
 The model knows nothing about sequence parallelism: it takes global ``positions`` for RoPE and calls
-``attn_fn(q, k, v, *, causal, softmax_scale)`` per layer. On one device that is
+``attn_fn(q, k, v, *, causal, softmax_scale)`` per layer, or ``attn_fn(q, k, v, *, causal=False,
+softmax_scale, mask=Mask(...))`` when the batch's GLOBAL ``doc_ids`` or the config's sliding window
+(``model.window``, ``model.sinks``) mask attention; one Mask per forward, shared by every layer. On one device that is
 :func:`seqpar.ops.attention`; under context parallelism the trainer injects ring attention over the
 cp group, and the same module runs on each rank's local shard of the sequence.
 
@@ -19,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seqpar.errors import ConfigError
+from seqpar.ops.attention.mask import Mask
 from seqpar.ops.loss import chunked_cross_entropy
 from seqpar.ops.rope import apply_rope, compute_inv_freq, rope_cos_sin
 
@@ -29,11 +32,11 @@ if TYPE_CHECKING:
 AttnFn = Callable[..., torch.Tensor]
 
 
-def default_attention(q, k, v, *, causal: bool, softmax_scale: float) -> torch.Tensor:
+def default_attention(q, k, v, *, causal: bool, softmax_scale: float, mask: Optional[Mask] = None) -> torch.Tensor:
     """Single-device attention via :func:`seqpar.ops.attention` (imported lazily: ops may load kernels)."""
     from seqpar.ops import attention
 
-    return attention(q, k, v, causal=causal, softmax_scale=softmax_scale, backend="auto")
+    return attention(q, k, v, causal=causal, softmax_scale=softmax_scale, backend="auto", mask=mask)
 
 
 class RMSNorm(nn.Module):
@@ -80,11 +83,14 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim)
         return self.rope_fn(q, cos, sin), self.rope_fn(k, cos, sin), v
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The injected ``attn_fn``: ``q [B,S,H,D], k/v [B,S,Hkv,D] -> out [B,S,H,D]``."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[Mask] = None) -> torch.Tensor:
+        """The injected ``attn_fn``: ``q [B,S,H,D], k/v [B,S,Hkv,D] -> out [B,S,H,D]``; ``mask`` (global
+        positions, causal inside) replaces the plain causal flag when given."""
         # k/v stay un-expanded: the attention kernel (and ring attention, which ships k/v around the
         # ring) handles GQA, so we never send n_heads/n_kv_heads times more bytes than needed.
-        return self.attn_fn(q, k, v, causal=True, softmax_scale=self.softmax_scale)
+        if mask is None:
+            return self.attn_fn(q, k, v, causal=True, softmax_scale=self.softmax_scale)
+        return self.attn_fn(q, k, v, causal=False, softmax_scale=self.softmax_scale, mask=mask)
 
     def project(self, out: torch.Tensor) -> torch.Tensor:
         """Output projection ``out [B, S, H, D] -> [B, S, dim]``."""
@@ -144,9 +150,9 @@ class TransformerBlock(nn.Module):
         h = h + self.attention.project(out)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[Mask] = None) -> torch.Tensor:
         q, k, v = self.recompute(self.pre_attention, h, cos, sin)
-        out = self.attention.attend(q, k, v)  # [B, S, H, D]
+        out = self.attention.attend(q, k, v, mask)  # [B, S, H, D]
         return self.recompute(self.post_attention, h, out)
 
 
@@ -240,23 +246,36 @@ class Llama(nn.Module):
             self._inv_freq[device] = self._inv_freq[torch.device("cpu")].to(device)
         return self._inv_freq[device]
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def attention_mask(self, doc_ids: Optional[torch.Tensor]) -> Optional[Mask]:
+        """The forward's :class:`~seqpar.ops.Mask` (causal, ``model.window``/``model.sinks``, documents
+        from the GLOBAL ``doc_ids [B, S_global]``), or None for the plain causal mask."""
+        c = self.cfg
+        window, sinks = getattr(c, "window", None), getattr(c, "sinks", 0)
+        if doc_ids is None and window is None:
+            return None
+        return Mask(causal=True, window=window, sinks=sinks, doc_ids=doc_ids)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, *,
+                doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Final-normed hidden states.
 
         Args:
             tokens: ``[B, S]`` int64 token ids (a rank's local shard under context parallelism).
             positions: ``[B, S]`` int64 GLOBAL positions of those tokens (drive RoPE only; causality
                 comes from ``attn_fn``, which knows the layout).
+            doc_ids: ``[B, S_global]`` GLOBAL document ids of the whole rows (NOT sharded: every cp rank
+                passes all of them): attention stays inside each document. None: one document per row.
 
         Returns:
             ``[B, S, dim]`` hidden states after the final norm; use :meth:`loss` or :meth:`logits`.
         """
         if tokens.shape != positions.shape:
             raise ValueError(f"tokens {tuple(tokens.shape)} and positions {tuple(positions.shape)} must both be [B, S].")
+        mask = self.attention_mask(doc_ids)
         h = self.tok_embeddings(tokens)  # [B, S] -> [B, S, dim]
         cos, sin = rope_cos_sin(positions, self._rope_inv_freq(positions.device), self.rope_attention_scale)
         for layer in self.layers:
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin) if mask is None else layer(h, cos, sin, mask)
         return self.norm(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -148,10 +148,16 @@ def make_s2_attn_fn(group_size: int, backend: str = "auto"):
     if group_size < 2 or group_size % 2 != 0:
         raise ValueError(f"S2-Attn group_size={group_size} must be an even number >= 2 (the shift is G/2).")
 
-    def attn_fn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, softmax_scale: Optional[float]) -> Tensor:
-        if not causal:
+    def attn_fn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, softmax_scale: Optional[float],
+                mask=None) -> Tensor:
+        # A model Mask (data.doc_mask) brings the packed documents: groups then also stop at their edges.
+        if mask is not None and (not mask.causal or mask.kinds - {"causal", "documents"}):
+            raise ValueError(f"S2-Attn takes a causal document mask only; got mask kinds {sorted(mask.kinds)} "
+                             "(leave model.window unset with lora.s2_attn=true).")
+        if mask is None and not causal:
             raise ValueError("S2-Attn is defined for causal language models; got causal=False.")
+        doc_ids = None if mask is None else mask.doc_ids
         return s2_attention_with_lse(q, k, v, group_size=group_size, softmax_scale=softmax_scale,
-                                     backend=backend)[0]
+                                     doc_ids=doc_ids, backend=backend)[0]
 
     return attn_fn

@@ -30,6 +30,7 @@ class MeshSpec(Protocol):
     imports no config: ``seqpar.config`` imports ``seqpar.parallel.fsdp``, which imports this module."""
 
     dist_backend: str  # auto | nccl | gloo
+    timeout_s: float  # process-group timeout: how long a collective waits for a frozen rank
 
     def resolve(self, world_size: int) -> tuple[int, int]:
         """``(dp, cp)`` for ``world_size`` processes; raises ConfigError naming the fix."""
@@ -77,6 +78,7 @@ class Mesh:
     # saves run collectives from a thread) and the per-step stop agreement. None for 1 process.
     cpu_group: Optional[dist.ProcessGroup] = None
     _fsdp_meshes: dict = field(default_factory=dict, repr=False, compare=False)  # name -> DeviceMesh
+    timeout: Optional[timedelta] = None  # parallel.timeout_s, applied to every group the mesh creates
 
     @property
     def dp_rank(self) -> int:
@@ -105,6 +107,8 @@ class Mesh:
 
             ranks = torch.arange(self.world_size)  # [world]
             self._fsdp_meshes[key] = DeviceMesh(self.device.type, arrange(ranks), mesh_dim_names=names)
+            for dim in range(len(names)):
+                _set_timeout(self._fsdp_meshes[key].get_group(dim), self.timeout)
         return self._fsdp_meshes[key]
 
     def describe(self) -> str:
@@ -115,22 +119,29 @@ class Mesh:
 def pick_device(kind: str, local_rank: int) -> torch.device:
     if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu.")
+            from seqpar.errors import ConfigError
+
+            raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu (or auto).")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
-def init_mesh(cfg: MeshSpec, device_kind: str = "auto", timeout_s: float = 600.0) -> Mesh:
+def init_mesh(cfg: MeshSpec, device_kind: str = "auto", timeout_s: Optional[float] = None) -> Mesh:
     """Initialise the default process group (if world > 1 and not done yet), the ``[dp, cp]`` mesh and
     the gloo CPU group. Collective: every rank calls it once per mesh, in the same order.
 
-    Raises ConfigError (from ``cfg.resolve``) when ``dp * cp`` does not match the world size.
+    ``timeout_s`` (default ``cfg.timeout_s``, i.e. ``parallel.timeout_s``, else 600) bounds how long any
+    collective waits for a rank that froze: the run then fails instead of blocking every other rank.
+
+    Raises ConfigError (from ``cfg.resolve``) when ``dp * cp`` does not match the world size, or for
+    ``train.device=cuda`` without a visible GPU.
     """
     from torch.distributed.device_mesh import init_device_mesh
 
     env = dist_env()
     dp, cp = cfg.resolve(env.world_size)
+    timeout = timedelta(seconds=getattr(cfg, "timeout_s", 600.0) if timeout_s is None else timeout_s)
     device = pick_device(device_kind, env.local_rank)
     if env.world_size == 1:
         return Mesh(dp, cp, 0, 1, device)
@@ -138,15 +149,25 @@ def init_mesh(cfg: MeshSpec, device_kind: str = "auto", timeout_s: float = 600.0
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        kwargs = dict(backend=backend, rank=env.rank, world_size=env.world_size, timeout=timedelta(seconds=timeout_s))
+        kwargs = dict(backend=backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
         if device.type == "cuda":
             kwargs["device_id"] = device  # eager NCCL init, bound to this rank's GPU
         dist.init_process_group(**kwargs)
     # Collective: every rank builds the same mesh (torch.distributed creates subgroups in lockstep).
     dm = init_device_mesh(device.type, (dp, cp), mesh_dim_names=MESH_DIMS)
-    cpu_group = dist.new_group(backend="gloo")
+    cpu_group = dist.new_group(backend="gloo", timeout=timeout)
+    for name in MESH_DIMS:
+        _set_timeout(dm.get_group(name), timeout)
     return Mesh(dp, cp, env.rank, env.world_size, device, dm.get_group("dp"), dm.get_group("cp"), dm,
-                cpu_group=cpu_group)
+                cpu_group=cpu_group, timeout=timeout)
+
+
+def _set_timeout(group, timeout: Optional[timedelta]) -> None:
+    # DeviceMesh creates its groups with torch's default timeout (10 min NCCL, 30 min gloo) and takes none;
+    # torch's own setter is private, hence looked up (a no-op where a torch version lacks it).
+    setter = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if timeout is not None and setter is not None:
+        setter(timeout, group)
 
 
 def destroy_mesh() -> None:

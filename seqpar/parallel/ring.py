@@ -51,9 +51,8 @@ class RingComm:
         else:
             self.world_size, self.rank = 1, 0
         if self.world_size > 1:
-            g = group if group is not None else dist.group.WORLD
-            self.next_peer = dist.get_global_rank(g, (self.rank + 1) % self.world_size)
-            self.prev_peer = dist.get_global_rank(g, (self.rank - 1) % self.world_size)
+            self._g = group if group is not None else dist.group.WORLD
+            self.next_peer, self.prev_peer = self._peers(1)
         self._buffers: list[Optional[list[Tensor]]] = [None, None]
         self._count = 0
         self._pending: Optional[RingHandle] = None
@@ -68,26 +67,36 @@ class RingComm:
             self._buffers[slot] = bufs
         return bufs
 
-    def send_recv(self, tensors: Sequence[Tensor]) -> RingHandle:
+    def _peers(self, shift: int) -> tuple[int, int]:
+        """Global ranks of group rank ``rank + shift`` (send to) and ``rank - shift`` (receive from)."""
+        n = self.world_size
+        return (dist.get_global_rank(self._g, (self.rank + shift) % n),
+                dist.get_global_rank(self._g, (self.rank - shift) % n))
+
+    def send_recv(self, tensors: Sequence[Tensor], shift: int = 1) -> RingHandle:
         """Send ``tensors`` (contiguous) to the next rank and receive the previous rank's into buffers.
 
+        ``shift``: send to rank ``+shift`` and receive from rank ``-shift`` instead (every rank the same
+        shift, so it stays a permutation; a ring truncated after ``s`` steps sends its dK/dV home with
+        ``shift=-s`` in one hop). A shift of 0 (mod N) exchanges nothing and returns ``tensors``.
         Every rank of the ring must call this with the same shapes and dtypes. The previous handle
         must have been waited on first (its buffers are about to be reused).
         """
         if self._pending is not None:
             raise RuntimeError("RingComm.send_recv called before wait() on the previous transfer.")
-        if self.world_size == 1:
+        if self.world_size == 1 or shift % self.world_size == 0:
             handle = RingHandle(self, [], list(tensors))
         else:
             recv = self._recv_buffers(tensors)
+            send_to, recv_from = (self.next_peer, self.prev_peer) if shift == 1 else self._peers(shift)
             ops = []
             for i, (t, r) in enumerate(zip(tensors, recv)):
                 if not t.is_contiguous():
                     raise ValueError(f"RingComm sends contiguous tensors only; tensor {i} of shape "
                                      f"{tuple(t.shape)} has strides {t.stride()}.")
                 # Tags keep gloo's per-peer matching unambiguous; NCCL ignores them and keeps order.
-                ops.append(dist.P2POp(dist.isend, t, self.next_peer, self.group, tag=i))
-                ops.append(dist.P2POp(dist.irecv, r, self.prev_peer, self.group, tag=i))
+                ops.append(dist.P2POp(dist.isend, t, send_to, self.group, tag=i))
+                ops.append(dist.P2POp(dist.irecv, r, recv_from, self.group, tag=i))
             handle = RingHandle(self, dist.batch_isend_irecv(ops), recv)
         self._count += 1
         self._pending = handle

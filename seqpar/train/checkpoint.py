@@ -65,6 +65,28 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def load_init_state(model, state: dict, model_name: str = "") -> None:
+    """Copy a whole model's state dict (plain tensors, the un-adapted model's keys: another model's
+    ``state_dict()``) into ``model``, each rank keeping its own shard; LoRA adapters stay freshly
+    initialised. A checkpoint to resume from (``checkpoint.resume``) still wins over it.
+
+    Raises ConfigError when the keys differ from the model's (another shape or architecture).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    from seqpar.errors import ConfigError
+
+    # Canonical names (no AC / compile wrapper prefixes); sharded values, so nothing is gathered.
+    want = {k for k in get_model_state_dict(model) if "lora_" not in k}
+    missing, unexpected = sorted(want - set(state)), sorted(set(state) - want)
+    if missing or unexpected:
+        raise ConfigError(f"init_state does not fit model {model_name!r}: missing {missing[:4]}, "
+                          f"unexpected {unexpected[:4]}; give the config the weights' own model shape "
+                          "(model.dim, model.n_layers, ...).")
+    # strict=False: the adapters are not in ``state`` (checked above: nothing else is missing).
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
 class Checkpointer:
     """Saves and loads DCP checkpoints of one run; one instance per rank, same calls on every rank.
 
@@ -135,50 +157,100 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
         self._barrier()
 
+    def clean_stale(self) -> list[str]:
+        """Delete what a killed save leaves: ``step-N.tmp`` folders and empty ``step-N`` folders. Rank 0 only,
+        before this run's first save, while it holds the run directory's lock (no other live run writes
+        here); returns the removed paths."""
+        removed = []
+        if self.rank != 0 or self._pending is not None or not os.path.isdir(self.ckpt_dir):
+            return removed
+        for name in sorted(os.listdir(self.ckpt_dir)):
+            path = os.path.join(self.ckpt_dir, name)
+            stale_tmp = name.startswith("step-") and name.endswith(".tmp")
+            empty = bool(_STEP_DIR.match(name)) and os.path.isdir(path) and not os.listdir(path)
+            if os.path.isdir(path) and (stale_tmp or empty):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        return removed
+
     # ------------------------------------------------------------------------------------------- load
+    def candidates(self) -> list[tuple[int, str]]:
+        """Complete checkpoints newest first, as rank 0 sees them (so all ranks agree)."""
+        found = [list(reversed(complete_checkpoints(self.ckpt_dir)))]
+        if self.distributed:
+            dist.broadcast_object_list(found, src=0, group=self.pg)
+        return found[0]
+
     def latest(self) -> Optional[tuple[int, str]]:
         """``(step, path)`` of the newest complete checkpoint, as rank 0 sees it (so all ranks agree)."""
-        found = complete_checkpoints(self.ckpt_dir)
-        choice = [found[-1] if found else None]
-        if self.distributed:
-            dist.broadcast_object_list(choice, src=0, group=self.pg)
-        return choice[0]
+        found = self.candidates()
+        return found[0] if found else None
 
     def load_latest(self, state: dict) -> Optional[int]:
-        """Load the newest complete checkpoint into ``state`` in place; its step, or None when there is none.
+        """Load the newest usable checkpoint into ``state`` in place; its step, or None when there is none.
 
-        ``state`` is the application state with the same keys and tensor shapes as saved (templates).
+        ``state`` is the application state with the same keys and tensor shapes as saved (templates). A
+        corrupted newest checkpoint (unreadable meta.json, empty or truncated ``.metadata``, garbled shards)
+        is skipped with a warning naming it, in favour of the previous one; it is left on disk.
 
         Raises:
-            CheckpointError: naming the folder, when it was written by another world size, or a file
-                in it is corrupted, truncated, missing, or does not match this model.
+            CheckpointError: naming the folder, when it was written by another world size, or when no
+                checkpoint can be loaded (every one corrupted, or none matches this model).
         """
-        import torch.distributed.checkpoint as dcp
-
-        found = self.latest()
-        if found is None:
+        found = self.candidates()
+        if not found:
             return None
-        step, path = found
+        errors = []
+        for step, path in found:
+            why = self._try_load(state, path)
+            if why is None:
+                if errors and self.rank == 0:
+                    warnings.warn(f"skipped corrupted checkpoint(s) {'; '.join(errors)}; resumed from {path} "
+                                  "instead (the skipped folders are left for inspection).", stacklevel=2)
+                return step
+            errors.append(f"{path} ({why})")
+        newest = found[0][1]
+        raise CheckpointError(f"no checkpoint in {self.ckpt_dir} can be loaded: {newest} is corrupted or does not "
+                              f"match this run (last error: {errors[0].split(' (', 1)[1][:-1]}); check that the "
+                              "config is the run's own, or set checkpoint.resume=false and use another "
+                              "logging.run_dir.")
+
+    def _try_load(self, state: dict, path: str) -> Optional[str]:
+        """Load ``path`` into ``state``; None on success, else why it cannot be read. Collective."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
+
         try:
             with open(os.path.join(path, "meta.json")) as f:
                 meta = json.load(f)
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"checkpoint {path} has an unreadable meta.json ({e}); delete that folder to "
-                                  "resume from the previous one, or set checkpoint.resume=false.") from e
+            return f"unreadable meta.json: {e}"
         if meta.get("world_size") != self.world_size:
             raise CheckpointError(f"checkpoint {path} was written by {meta.get('world_size')} processes but this run "
                                   f"has {self.world_size}; resume with the same number of processes or set "
                                   "checkpoint.resume=false.")
-        from torch.distributed.checkpoint.api import CheckpointException
-
+        metadata = os.path.join(path, ".metadata")
+        if not os.path.isfile(metadata) or os.path.getsize(metadata) == 0:
+            return "its .metadata is missing or empty"  # DCP would print pages of tracebacks first
         try:
-            with _single_process_quiet():
+            with _single_process_quiet(), _quiet_dcp_logs():
                 dcp.load(state, checkpoint_id=path, process_group=self.pg, no_dist=not self.distributed)
         # DCP gathers every rank's failure (truncated / garbled file, shape mismatch) into a
         # CheckpointException, raised on all ranks; it derives from BaseException, hence named here.
         except (Exception, CheckpointException) as e:
-            why = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()[:300]
-            raise CheckpointError(f"checkpoint {path} is corrupted or does not match this run (last error: "
-                                  f"{why}); delete {path} to resume from the previous checkpoint, or set "
-                                  "checkpoint.resume=false.") from e
-        return step
+            return (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()[:300]
+        return None
+
+
+@contextlib.contextmanager
+def _quiet_dcp_logs():
+    # DCP logs each rank's failure with its traceback before raising; the one-line summary is ours.
+    import logging
+
+    log = logging.getLogger("torch.distributed.checkpoint")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)

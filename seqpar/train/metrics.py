@@ -78,9 +78,11 @@ class MetricsLogger:
                 os.environ.setdefault("WANDB_MODE", "offline")
             try:
                 import wandb
-            except ImportError as e:
-                raise RuntimeError("logging.wandb=true but wandb is not installed; "
-                                   "pip install 'seqpar[wandb]' or set logging.wandb=false.") from e
+            except ImportError:
+                from seqpar.errors import ConfigError
+
+                raise ConfigError("logging.wandb=true but the wandb package is not installed; pip install wandb "
+                                  "(or pip install 'seqpar[wandb]'), or set logging.wandb=false.") from None
             self._wandb = wandb.init(project=project, config=config, dir=run_dir,
                                      settings=wandb.Settings(init_timeout=30))
 

@@ -1,6 +1,7 @@
 """Stop requests -> one agreed decision across ranks, checked between steps.
 
-Sources, any rank: SIGTERM (torchrun forwards it to workers; Slurm sends it before a kill), SIGUSR2
+Sources, any rank: SIGTERM (torchrun forwards it to workers; Slurm sends it before a kill), SIGINT
+(Ctrl-C: the first one checkpoints like SIGTERM, a later one interrupts at once), SIGUSR2
 (``sbatch --signal=USR2@T`` under plain srun), a stop file (``train.stop_file``; slurm/seqpar.sbatch
 touches it from its USR2 trap, since a signal cannot reach workers through torchrun safely), and the
 ``train.max_minutes`` budget. Signal handlers only set a flag; the loop asks :meth:`StopRequest.poll`
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 REASONS = {0: None, 1: "train.max_minutes reached", 2: "stop file found", 3: "signal received"}
-SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 
 
 class StopRequest:
@@ -39,6 +40,7 @@ class StopRequest:
         self.start_time = time.time() if start_time is None else start_time
         self.rank, self.group, self.world_size = rank, group, world_size
         self.signum: Optional[int] = None
+        self._sigint_at: Optional[float] = None  # time.monotonic() of the first SIGINT
         self._previous: dict = {}
 
     # Handlers must be installed from the main thread (a Python rule); elsewhere we only poll.
@@ -54,6 +56,16 @@ class StopRequest:
         self._previous.clear()
 
     def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            # A later Ctrl-C aborts a step that hangs. One within a second or two is the same keypress twice:
+            # under a launcher, a worker gets the terminal's SIGINT and the one torchrun forwards.
+            if self._sigint_at is not None and now - self._sigint_at > 2.0:
+                raise KeyboardInterrupt
+            if self._sigint_at is None and self.rank == 0:
+                print("\nCtrl-C: checkpointing after this step, then stopping (Ctrl-C again aborts at once)",
+                      flush=True)
+            self._sigint_at = self._sigint_at or now
         self.signum = signum  # act between steps, never inside a collective
 
     def local_code(self) -> int:

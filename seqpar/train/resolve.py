@@ -83,13 +83,18 @@ def resolve_config(cfg: Config) -> Config:
 
 def write_config(cfg: Config, run_dir: Optional[str] = None) -> str:
     """Write ``cfg`` as ``<run_dir>/config.yaml`` (default ``logging.run_dir``): every field by its YAML
-    key, the user's values plus what :func:`resolve_config` filled in. ``seqpar.eval`` reads it back
-    (``seqpar.cli.load_config_file``). Returns the path."""
+    key, the user's values plus what :func:`resolve_config` filled in, atomically (tmp + rename). ``seqpar.eval``
+    reads it back (``seqpar.cli.load_config_file``). The trainer writes it only after
+    :func:`seqpar.train.run_dir.check_same_run` agreed. Returns the path."""
     import yaml
 
     run_dir = run_dir or cfg.logging.run_dir
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "config.yaml")
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp{os.getpid()}"  # written whole, then renamed: a reader never sees half a file
+    with open(tmp, "w") as f:
         yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
     return path

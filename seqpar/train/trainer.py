@@ -9,6 +9,7 @@ One step:
         forward (ring attention when cp > 1), chunked loss SUM / global token count, backward
         (FSDP2 reduce-scatters the gradients, SUMMED over dp and cp)
     without FSDP (parallel.fsdp=none): all-reduce gradients (SUM over every rank)
+    NaN guard: a non-finite loss or gradient norm (the same value on every rank) skips the update
     clip, AdamW step, schedule step; then agree across ranks whether to stop (signal, stop file, budget)
 
 Dividing each rank's loss sum by the *global* token count makes the summed gradient exactly the
@@ -34,10 +35,14 @@ from seqpar.models.llama import Llama
 from seqpar.models.parallelize import parallelize
 from seqpar.ops import attention
 from seqpar.parallel.mesh import Mesh
-from seqpar.train.checkpoint import Checkpointer
+from seqpar.train.checkpoint import Checkpointer, load_init_state
+from seqpar.train.exit_codes import TrainingDiverged
+from seqpar.train.guard import NonFiniteGuard, weights_finite
 from seqpar.train.metrics import MetricsLogger, format_eta, peak_memory_gib, peak_tflops
 from seqpar.train.preemption import StopRequest
-from seqpar.train.resolve import load_tokenizer, resolve_config, write_config
+from seqpar.train.preflight import preflight
+from seqpar.train.resolve import load_tokenizer, resolve_config
+from seqpar.train.run_dir import DATA_STREAM, open_run, truncate_metrics
 
 
 def lr_multiplier(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
@@ -61,18 +66,19 @@ class Trainer:
         # train.py resolves the config before the mesh exists; one built in code is resolved here by the
         # same function (idempotent: a resolved config comes back as is). Used as given from here on.
         self.cfg = cfg = resolve_config(cfg)
-        self.train_data, self.val_data, self.tokenizer = build_data(
-            cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-            dp_rank=mesh.dp_rank, dp_size=mesh.dp, tokenizer=load_tokenizer(cfg))  # BPE / tokenizer.json load from disk
-        if mesh.is_main:  # the resolved config, for seqpar.eval's --checkpoint RUN_DIR
-            write_config(cfg)
         self.autocast = self._autocast_dtype()
+        preflight(cfg, self.device, self.autocast or torch.float32)  # wandb, attention backend: before any build
         # The mesh's gloo group: checkpoint coordination (async saves run collectives from a thread) and
         # the per-step stop agreement (no CUDA sync). None for one process.
         self.cpu_group = mesh.cpu_group
+        # One run per directory: lock, agree with the saved config.yaml, then (re)write it (run_dir.py).
+        self._lock, self._changed = open_run(cfg, rank=mesh.rank, world_size=mesh.world_size, group=self.cpu_group)
+        self.train_data, self.val_data, self.tokenizer = build_data(
+            cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+            dp_rank=mesh.dp_rank, dp_size=mesh.dp, tokenizer=load_tokenizer(cfg))  # BPE / tokenizer.json load from disk
         self.model, self.fsdp_mesh = self._build_model()
         if init_state is not None:  # start from given weights (seqpar.eval.demo fine-tunes a trained model)
-            self._load_init_state(init_state)
+            load_init_state(self.model, init_state, self.cfg.model.name)
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]  # no decay on norms
@@ -87,13 +93,16 @@ class Trainer:
         self.checkpointer = Checkpointer(
             os.path.join(cfg.logging.run_dir, "checkpoints"), rank=mesh.rank, world_size=mesh.world_size,
             keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save, process_group=self.cpu_group)
-        self.logger = MetricsLogger(
-            cfg.logging.run_dir, enabled=mesh.is_main, use_wandb=cfg.logging.wandb, project=cfg.logging.wandb_project,
-            config=dataclasses.asdict(cfg), progress=cfg.logging.progress, total_steps=cfg.train.steps)
+        self.checkpointer.clean_stale()  # rank 0, under the run lock: leftovers of killed saves
         self.peak = peak_tflops(self.device, cfg.logging.peak_tflops)
         self.flops_per_token = self.model.flops_per_token(cfg.train.seq_len)
         if cfg.checkpoint.resume:
             self._resume()
+        if mesh.is_main:  # records after the resumed step were logged by the interrupted run: drop them
+            truncate_metrics(cfg.logging.run_dir, self.step)
+        self.logger = MetricsLogger(
+            cfg.logging.run_dir, enabled=mesh.is_main, use_wandb=cfg.logging.wandb, project=cfg.logging.wandb_project,
+            config=dataclasses.asdict(cfg), progress=cfg.logging.progress, total_steps=cfg.train.steps)
 
     # ----------------------------------------------------------------------------------- setup
     def _attention_fn(self):
@@ -164,27 +173,6 @@ class Trainer:
         return {"step": self.step, "model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict(),
                 f"rank{self.mesh.rank}": mine}
 
-    def _load_init_state(self, state: dict) -> None:
-        """Copy a whole model's state dict (plain tensors, the un-adapted model's keys: another model's
-        ``state_dict()``) into this one, each rank keeping its own shard; LoRA adapters stay freshly
-        initialised. A checkpoint to resume from (``checkpoint.resume``) still wins over it.
-
-        Raises ConfigError when the keys differ from the model's (another shape or architecture).
-        """
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-
-        from seqpar.errors import ConfigError
-
-        # Canonical names (no AC / compile wrapper prefixes); sharded values, so nothing is gathered.
-        want = {k for k in get_model_state_dict(self.model) if "lora_" not in k}
-        missing, unexpected = sorted(want - set(state)), sorted(set(state) - want)
-        if missing or unexpected:
-            raise ConfigError(f"init_state does not fit model {self.cfg.model.name!r}: missing {missing[:4]}, "
-                              f"unexpected {unexpected[:4]}; give the config the weights' own model shape "
-                              "(model.dim, model.n_layers, ...).")
-        # strict=False: the adapters are not in ``state`` (checked above: nothing else is missing).
-        set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, strict=False))
-
     def _resume(self) -> None:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
@@ -195,7 +183,11 @@ class Trainer:
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.scheduler.load_state_dict(state["scheduler"])
         mine = state[f"rank{self.mesh.rank}"]
-        self.train_data.load_state_dict(mine["data"])
+        restart = [k for k in self._changed if k in DATA_STREAM]  # checkpoint.allow_changes: a new stream
+        if restart and self.mesh.is_main:
+            print(f"{', '.join(restart)} changed (checkpoint.allow_changes): the data stream restarts", flush=True)
+        if not restart:
+            self.train_data.load_state_dict(mine["data"])
         torch.set_rng_state(mine["rng_cpu"])
         if self.device.type == "cuda" and "rng_cuda" in mine:
             torch.cuda.set_rng_state(mine["rng_cuda"], self.device)
@@ -204,17 +196,21 @@ class Trainer:
             print(f"resumed from {self.checkpointer.ckpt_dir} at step {step}", flush=True)
 
     def save(self) -> None:
+        """Checkpoint this step; never non-finite weights (raises TrainingDiverged instead; collective)."""
+        if not weights_finite(self.model, world_size=self.mesh.world_size, group=self.cpu_group):
+            raise TrainingDiverged(f"the weights are non-finite at step {self.step}: not saving them; the last "
+                                   "checkpoint is kept. Lower optim.lr or set optim.grad_clip.")
         self.checkpointer.save(self.step, self._app_state())
 
     # ------------------------------------------------------------------------------------ step
-    def _shard(self, x: torch.Tensor) -> torch.Tensor:
-        """This cp rank's part of a ``[B, S]`` tensor along the sequence (identity when cp == 1)."""
+    def _shard(self, x: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """This cp rank's part of a ``[B, S]`` tensor (identity when cp == 1); doc_ids for layout=docs."""
         if self.mesh.cp == 1:
             return x
         from seqpar.parallel.layout import shard_sequence
 
         return shard_sequence(x, 1, layout=self.cfg.parallel.layout, rank=self.mesh.cp_rank,
-                              world_size=self.mesh.cp)
+                              world_size=self.mesh.cp, doc_ids=doc_ids)
 
     def _all_reduce(self, t: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
         if self.mesh.world_size > 1:
@@ -222,10 +218,12 @@ class Trainer:
         return t
 
     def _loss_sum(self, batch: dict) -> torch.Tensor:
-        tokens, labels, positions = (self._shard(batch[k]).to(self.device, non_blocking=True)
+        doc_ids = batch.get("doc_ids")  # [B, S] GLOBAL: every cp rank keeps all of it (the mask needs it)
+        tokens, labels, positions = (self._shard(batch[k], doc_ids).to(self.device, non_blocking=True)
                                      for k in ("tokens", "labels", "positions"))
+        masked = {"doc_ids": doc_ids.to(self.device)} if self.cfg.data.doc_mask and doc_ids is not None else {}
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            hidden = self.model(tokens, positions)  # [B, S/cp, dim]
+            hidden = self.model(tokens, positions, **masked)  # [B, S/cp, dim]
             loss_sum, _ = self.model.loss(hidden, labels, chunk_size=self.cfg.train.loss_chunk)
         return loss_sum
 
@@ -252,11 +250,16 @@ class Trainer:
         gnorm = torch.nn.utils.clip_grad_norm_(
             [p for p in self.model.parameters() if p.grad is not None], clip if clip > 0 else float("inf"))
         lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         loss = self._all_reduce(total) / n_tokens
-        return {"loss": loss, "grad_norm": _local(gnorm), "tokens": n_tokens, "lr": lr}
+        gnorm = _local(gnorm)
+        # Loss and norm are global values, equal on every rank, so every rank takes the same branch. One
+        # scalar to the host per step: the price of not applying a NaN update.
+        finite = bool(torch.isfinite(loss) & torch.isfinite(gnorm))
+        if finite:  # a skipped step moves neither the weights, AdamW's moments nor the LR schedule
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss, "grad_norm": gnorm, "tokens": n_tokens, "lr": lr, "finite": finite}
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
@@ -278,9 +281,12 @@ class Trainer:
     def fit(self, until: Optional[int] = None) -> dict:
         """Train to ``train.steps`` (or stop early at step ``until``, checkpointing there if enabled).
 
-        Stops early, after a checkpoint when ``checkpoint.every > 0``, on SIGTERM / SIGUSR2, the stop
-        file or the ``train.max_minutes`` budget; all ranks stop after the same step.
+        Stops early, after a checkpoint when ``checkpoint.every > 0``, on SIGTERM / SIGUSR2 / SIGINT, the
+        stop file or the ``train.max_minutes`` budget; all ranks stop after the same step. Non-finite steps
+        are skipped (:mod:`seqpar.train.guard`). Releases the run directory's lock when it returns.
         Returns ``{"history": [log records], "step": last step, "stopped": reason or None}``.
+
+        Raises TrainingDiverged after more than ``train.max_bad_steps`` consecutive non-finite steps.
         """
         cfg, mesh = self.cfg, self.mesh
         until = cfg.train.steps if until is None else min(until, cfg.train.steps)
@@ -293,6 +299,7 @@ class Trainer:
         history, reason = [], None
         t_last, tokens_since = time.time(), 0.0
         first_step = self.step
+        guard = NonFiniteGuard(cfg.train.max_bad_steps)
         try:
             while self.step < until:
                 out = self.train_step()
@@ -301,7 +308,15 @@ class Trainer:
                 if mesh.is_main and self.logger.progress:
                     self.logger.tick(self.step, out["loss"].item())
                 is_last = self.step == cfg.train.steps
-                if self.step % cfg.logging.log_every == 0 or is_last or self.step == first_step + 1:
+                # Diverged: an async save of a good step still commits (wait), then TrainingDiverged.
+                warning = guard.update(self.step, out["finite"], out["loss"].item(), out["grad_norm"].item(),
+                                       before_raise=self.checkpointer.wait)
+                if warning is not None:  # logged every time, whatever logging.log_every says
+                    vals = {k: out[k].item() for k in ("loss", "grad_norm")}  # None in JSON where not finite
+                    history.append({"step": self.step, "skipped": True,
+                                    **{k: v if math.isfinite(v) else None for k, v in vals.items()}})
+                    self.logger.log(history[-1], warning)
+                elif self.step % cfg.logging.log_every == 0 or is_last or self.step == first_step + 1:
                     history.append(self._log(out, time.time() - t_last, tokens_since, first_step))
                     t_last, tokens_since = time.time(), 0.0
                 if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or is_last):
@@ -310,12 +325,13 @@ class Trainer:
                         self.logger.log({"step": self.step, "val_loss": val},
                                         f"step {self.step:>6} | val_loss {val:.4f} | val_ppl {math.exp(min(val, 50)):.2f}")
                         history[-1]["val_loss"] = val
-                saved = bool(cfg.checkpoint.every) and (self.step % cfg.checkpoint.every == 0 or self.step == until)
+                saved = bool(cfg.checkpoint.every) and (self.step % cfg.checkpoint.every == 0 or self.step == until) \
+                    and not guard.bad  # never right after a skipped step: the last good checkpoint stays
                 if saved:
                     self.save()
                 reason = None if self.step >= until else stop.poll()
                 if reason is not None:
-                    if cfg.checkpoint.every and not saved:
+                    if cfg.checkpoint.every and not saved and not guard.bad:
                         self.save()
                     if mesh.is_main:
                         what = "checkpointed" if cfg.checkpoint.every else "not checkpointed (checkpoint.every=0)"
@@ -325,6 +341,8 @@ class Trainer:
         finally:
             stop.restore()
             self.logger.close()
+            if self._lock is not None:
+                self._lock.release()
         return {"history": history, "step": self.step, "stopped": reason}
 
     def _print_banner(self) -> None:

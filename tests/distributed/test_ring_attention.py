@@ -43,7 +43,7 @@ def _cases():
                           global_len=96, dtype=torch.float32, lse_grad=False, scale=None))
     cases.append(dict(name="custom-scale", layout="zigzag", causal=True, h=6, hkv=2, d=8, b=1, local=4,
                       dtype=torch.float64, lse_grad=False, scale=0.37))
-    # mask=Mask(causal=...) instead of causal=: the same ring (causal/full are the kinds it takes now).
+    # mask=Mask(causal=...) instead of causal=: the same classic plan (tests/distributed/test_ring_masks.py: the rest).
     for layout, causal in (("zigzag", True), ("striped", False)):
         cases.append(dict(name=f"mask-{layout}-{'causal' if causal else 'full'}", layout=layout, causal=causal, h=4,
                           hkv=2, d=16, b=2, local=_local_len(layout), dtype=torch.float64, lse_grad=True, scale=None,
@@ -101,12 +101,13 @@ def _bad_inputs(rank, n):
 
     msgs = {}
     mk = lambda L, h=4, hkv=2: (torch.randn(1, L, h, 8), torch.randn(1, L, hkv, 8), torch.randn(1, L, hkv, 8))
-    docs = torch.zeros(1, 4 * n, dtype=torch.long)
+    docs = torch.zeros(1, 4, dtype=torch.long)  # the local shard's ids, not the global row's
     for name, args, layout, masking in (("mismatch", mk(6 if rank == 0 else 8), "zigzag", dict(causal=True)),
                                         ("heads", mk(4, h=4, hkv=3), "zigzag", dict(causal=True)),
                                         ("odd-zigzag", mk(5), "zigzag", dict(causal=True)),
                                         ("mask-docs", mk(4), "zigzag", dict(mask=Mask(doc_ids=docs))),
-                                        ("mask-window", mk(4), "zigzag", dict(mask=Mask(window=3, sinks=1))),
+                                        ("mask-blocks", mk(4), "zigzag",
+                                         dict(mask=Mask(window=3, block_sparse=(1, torch.ones(4, 4).bool())))),
                                         ("mask-and-causal", mk(4), "zigzag", dict(causal=True, mask=Mask()))):
         try:
             ring_attention(*args, layout=layout, backend="torch", **masking)
@@ -247,8 +248,8 @@ def test_bad_input_raises_on_every_rank(n):
         assert bad["mismatch"] and "differ across" in bad["mismatch"] and "(1, 6, 4, 8)" in bad["mismatch"]
         assert bad["heads"] and "query heads 4 are not divisible by key/value heads 3" in bad["heads"]
         assert bad["odd-zigzag"] and f"multiple of {2 * n}" in bad["odd-zigzag"]
-        assert bad["mask-docs"] and "['documents']" in bad["mask-docs"] and "parallel.cp=1" in bad["mask-docs"]
-        assert bad["mask-window"] and "['sinks', 'window']" in bad["mask-window"]
+        assert bad["mask-docs"] and "[1, 4]" in bad["mask-docs"] and "GLOBAL" in bad["mask-docs"]
+        assert bad["mask-blocks"] and f"has {4 * n}" in bad["mask-blocks"]
         assert bad["mask-and-causal"] and "not both" in bad["mask-and-causal"]
     ref = _reference(CASES[0], n)
     torch.testing.assert_close(ranks[0]["after-bad"]["out"], ref["out"], **FP64_TOL)

@@ -24,7 +24,8 @@ def test_scripts_parse(script):
 
 def _fake_bin(tmp_path):
     """A PATH folder with fake `scontrol` (expands node003/node004, logs requeues) and `srun` (logs its
-    arguments, then behaves like a run that polls the stop file and exits cleanly once it appears)."""
+    arguments, then behaves like a run that polls the stop file and, once it appears, exits $FAKE_RC: 3 = stopped
+    and saved; FAKE_NOWAIT=1: exits $FAKE_RC at once). tests/e2e/test_slurm_cluster.py runs the real thing."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(
@@ -35,8 +36,10 @@ def _fake_bin(tmp_path):
         '#!/usr/bin/env bash\n'
         'printf "%s\\n" "$@" > "$FAKE_LOG/srun.args"\n'
         'for a in "$@"; do case "$a" in train.stop_file=*) stop=${a#train.stop_file=};; esac; done\n'
+        '[ "${FAKE_NOWAIT:-0}" = 1 ] && exit "${FAKE_RC:-3}"\n'
         'while [ ! -e "$stop" ]; do sleep 0.05; done\n'
-        'echo "checkpointed; stopping cleanly"\n')
+        'echo "checkpointed; stopping cleanly"\n'
+        'exit "${FAKE_RC:-3}"\n')
     for f in bin_dir.iterdir():
         f.chmod(f.stat().st_mode | stat.S_IEXEC)
     return bin_dir
@@ -66,11 +69,10 @@ def test_rendezvous_is_rendered_from_the_slurm_environment(tmp_path):
     assert out.returncode != 0 and "inside a Slurm job" in out.stderr
 
 
-@pytest.mark.timeout(60)
-def test_sbatch_usr2_stops_the_run_then_requeues(tmp_path):
+def _sbatch_usr2(tmp_path, **extra):
+    """Run slurm/seqpar.sbatch under the fakes, send it USR2 once the (fake) training runs; (exit code, output)."""
     bin_dir = _fake_bin(tmp_path)
-    log_dir = tmp_path / "logs"
-    env = _slurm_env(tmp_path, bin_dir, SLURM_SUBMIT_DIR=ROOT, SEQPAR_LOG_DIR=str(log_dir))
+    env = _slurm_env(tmp_path, bin_dir, SLURM_SUBMIT_DIR=ROOT, SEQPAR_LOG_DIR=str(tmp_path / "logs"), **extra)
     proc = subprocess.Popen(["bash", "slurm/seqpar.sbatch", "experiment=foo", "train.steps=7"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -84,7 +86,14 @@ def test_sbatch_usr2_stops_the_run_then_requeues(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, out
+    return proc.returncode, out
+
+
+@pytest.mark.timeout(60)
+def test_sbatch_usr2_stops_the_run_then_requeues(tmp_path):
+    rc, out = _sbatch_usr2(tmp_path)  # the run stops and saves: exit 3
+    log_dir = tmp_path / "logs"
+    assert rc == 3, out
     args = (tmp_path / "srun.args").read_text().splitlines()
     for want in ["--nnodes=2", "--nproc_per_node=4", "--rdzv_backend=c10d", "--rdzv_endpoint=node003:29500",
                  "--rdzv_id=4242", "train.py", f"train.stop_file={log_dir}/STOP", "experiment=foo", "train.steps=7"]:
@@ -93,6 +102,39 @@ def test_sbatch_usr2_stops_the_run_then_requeues(tmp_path):
     assert f"--output={log_dir}/node-%n.out" in args
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
     assert "requeueing job 4242" in out
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("code", [0, 1, 2, 4])
+def test_sbatch_requeues_only_a_run_that_stopped_and_saved(tmp_path, code):
+    # USR2 came, but the run finished / crashed / was a user error / diverged: the job ends with that code.
+    rc, out = _sbatch_usr2(tmp_path, FAKE_RC=str(code))
+    assert rc == code, out
+    assert not (tmp_path / "scontrol.log").exists() and "not requeueing" in out, out
+
+
+@pytest.mark.timeout(60)
+def test_sbatch_does_not_requeue_a_stop_without_preemption(tmp_path):
+    # Exit 3 without USR2 (train.max_minutes, a stop file touched by hand, SIGTERM from scancel): final.
+    bin_dir = _fake_bin(tmp_path)
+    env = _slurm_env(tmp_path, bin_dir, SLURM_SUBMIT_DIR=ROOT, SEQPAR_LOG_DIR=str(tmp_path / "logs"),
+                     FAKE_NOWAIT="1")
+    proc = subprocess.run(["bash", "slurm/seqpar.sbatch"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert not (tmp_path / "scontrol.log").exists() and "requeueing" not in proc.stdout, proc.stdout
+
+
+def test_sbatch_cpu_job_names_its_process_count(tmp_path):
+    bin_dir = _fake_bin(tmp_path)
+    render = ["bash", "-c", "source slurm/rendezvous.sh && seqpar_rendezvous"]
+    env = _slurm_env(tmp_path, bin_dir, SLURM_GPUS_PER_NODE="0")
+    del env["SLURM_GPUS_ON_NODE"]  # --gpus-per-node=0: Slurm sets no GPU count
+    out = subprocess.run(render, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "SEQPAR_NPROC_PER_NODE" in out.stderr, out.stderr
+    env["SEQPAR_NPROC_PER_NODE"] = "2"
+    out = subprocess.run(render, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and "NPROC_PER_NODE=2" in out.stdout.splitlines(), out.stderr
 
 
 @pytest.mark.timeout(120)
@@ -122,7 +164,8 @@ def _gib(stdout, key):
 def test_dry_run_of_a_config_larger_than_the_machine():
     big = ["model=llama3-8b", "parallel.dp=1", "parallel.cp=8", "train.seq_len=1048576", "train.batch_size=1"]
     proc = _dry_run(*big)
-    assert proc.returncode == 0, proc.stderr
+    # Does not fit: exit 2 (a user decision, scriptable) with one error line after the estimate.
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: the configuration does not fit"), proc.stderr
     out = proc.stdout
     assert "world 8 = dp 1 x cp 8" in out and "8.030B params" in out and "131,072 tokens per GPU" in out, out
     # fp32 params / grads / Adam moments of 8.03B params sharded 8 ways: 4, 4 and 8 bytes each.
@@ -135,6 +178,8 @@ def test_dry_run_of_a_config_larger_than_the_machine():
     # BPT + full AC cut the activations by more than 10x.
     lean = _dry_run(*big, "train.ac=full", "train.ffn_chunk=4096")
     assert _gib(lean.stdout, "activations") < _gib(out, "activations") / 10
+    fits = _dry_run(*big, "train.ac=full", "train.ffn_chunk=4096", "parallel.cp=32")
+    assert fits.returncode == 0 and "  fits in" in fits.stdout, fits.stdout
     # Config errors stop the dry run like a real run, as one line.
     bad = _dry_run("parallel.cp=3", "train.seq_len=600", env_extra={"WORLD_SIZE": "8", "RANK": "0"})
     assert bad.returncode == 2 and "parallel.cp=3 does not divide the world size 8" in bad.stderr, bad.stderr

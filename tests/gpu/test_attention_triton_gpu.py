@@ -120,7 +120,7 @@ def test_gpu_ring_merge_and_atomic_dq():
 @gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_registry_auto_and_untuned_path():
-    """auto on CUDA bf16 picks sdpa_cudnn for plain causal masks and triton for documents; the untuned
+    """auto on CUDA bf16 picks sdpa_cudnn for plain causal masks and triton for documents and sinks; the untuned
     path (first listed tile, no timing) matches the autotuned one; deterministic selects the dQ kernel."""
     from seqpar.ops import Mask, resolve_backend
     from seqpar.ops.attention.mask import LocalMask
@@ -131,7 +131,8 @@ def test_gpu_registry_auto_and_untuned_path():
     docs[:, 200:] = 1
     assert resolve_backend("auto", q, k, causal=True) == "sdpa_cudnn"
     assert resolve_backend("auto", q, k, mask=Mask(doc_ids=docs)) == "triton"
-    assert resolve_backend("auto", q, k, mask=Mask(window=16, sinks=4)) == "torch"
+    assert resolve_backend("auto", q, k, mask=Mask(window=16, sinks=4)) == "triton"  # sinks are in-kernel now
+    assert resolve_backend("auto", q.double(), k.double(), mask=Mask(window=16)) == "torch"  # no fp64 kernel
     m = LocalMask(causal=True)
     tuned = at.forward(q, k, v, m)
     untuned = at.forward(q, k, v, m, autotune=False)

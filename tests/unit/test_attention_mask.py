@@ -55,7 +55,8 @@ def test_mask_is_frozen_and_reports_kinds():
     docs = torch.tensor([[0, 0, 1, 1]])
     blocks = (2, torch.ones(2, 2, dtype=torch.bool))
     assert Mask(doc_ids=docs, block_sparse=blocks).kinds == {"causal", "documents", "block_sparse"}
-    assert Mask(causal=False, window=1, sinks=1, doc_ids=docs, block_sparse=blocks).kinds == MASK_KINDS - {"causal"}
+    assert Mask(causal=False, window=1, sinks=1, doc_ids=docs, block_sparse=blocks).kinds == \
+        MASK_KINDS - {"causal", "strided"}  # strides belong to a call (LocalMask)
 
 
 def test_local_mask_slices_global_doc_ids_and_checks_ranges():
@@ -119,9 +120,9 @@ def test_auto_picks_torch_on_cpu():
 @pytest.mark.parametrize("backend,mask,words", [
     ("sdpa_cudnn", Mask(doc_ids=torch.zeros(1, 8, dtype=torch.long)), "document masks"),
     ("sdpa_flash", Mask(window=3), "sliding-window masks"),
-    ("triton", Mask(window=3, sinks=2), "attention-sink masks"),
-    ("triton", Mask(causal=False, window=3), "two-sided"),
-    ("triton", Mask(block_sparse=(4, torch.ones(2, 2, dtype=torch.bool))), "block-sparse masks"),
+    ("sdpa_flash", Mask(window=3, sinks=2), "attention-sink masks"),
+    ("sdpa_cudnn", Mask(causal=False, window=3), "two-sided"),
+    ("sdpa_flash", Mask(block_sparse=(4, torch.ones(2, 2, dtype=torch.bool))), "block-sparse masks"),
 ])
 def test_undeclared_mask_kind_raises_clear_error(backend, mask, words):
     """Mask kinds are checked before the device, so the message names the kind even on CPU."""
@@ -207,3 +208,116 @@ def test_reference_small_blocks_with_sinks_and_two_sided_window():
         small = forward(q, k, v, m, block_q=3, block_k=5)
         whole = forward(q, k, v, m, block_q=1024, block_k=1024)
         torch.testing.assert_close(small, whole, **FP64_TOL)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Strides (the striped layout's shards), the ring's contract: Mask.local(..., q_stride, k_stride),
+# LocalMask.kinds "strided", Mask.any_visible.
+# ---------------------------------------------------------------------------------------------------
+
+def test_triton_declares_every_kind_and_sdpa_only_causal():
+    assert RECORDS["triton"].mask_kinds == MASK_KINDS
+    assert RECORDS["sdpa_flash"].mask_kinds == RECORDS["sdpa_cudnn"].mask_kinds == {"causal"}
+
+
+def test_local_mask_strides_slice_ids_and_report_strided():
+    docs = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, 3]])
+    lm = Mask(doc_ids=docs, window=2, sinks=1).local(1, 3, 0, 4, q_stride=3, k_stride=3)  # q 1, 4, 7; k 0, 3, 6, 9
+    assert lm.q_doc_ids.tolist() == [[0, 1, 2]] and lm.k_doc_ids.tolist() == [[0, 1, 2, 3]]
+    assert lm.k_sink.tolist() == [[True, True, False, True]]  # 0, 3 and 9 start documents; 6 is 2nd of its doc
+    assert (lm.q_stride, lm.k_stride) == (3, 3) and "strided" in lm.kinds
+    assert "strided" not in Mask(causal=False, doc_ids=docs).local(0, 3, 1, 3, q_stride=3, k_stride=3).kinds
+    assert "strided" not in Mask().local(0, 4, 0, 4).kinds
+    with pytest.raises(ValueError, match="covers 10 tokens"):
+        Mask(doc_ids=docs).local(1, 4, 0, 2, q_stride=3)  # last query at position 10
+    with pytest.raises(ValueError, match="q_stride"):
+        Mask().local(0, 2, 0, 2, q_stride=0)
+    q = torch.zeros(1, 4, 2, 64, dtype=torch.float16)
+    rec = dataclasses.replace(RECORDS["sdpa_flash"], devices=("cpu",))
+    assert "strided" in rec.missing(q, q, Mask().local(0, 4, 1, 4, q_stride=2, k_stride=2))
+
+
+STRIDE_SPECS = [dict(causal=True), dict(causal=False, window=3), dict(causal=True, window=2, sinks=2, doc_ids=DOCS_24),
+                dict(causal=True, block_sparse=(5, torch.tensor([[1, 0, 1, 0, 1], [1, 1, 0, 0, 0], [0, 1, 1, 0, 1],
+                                                                 [1, 0, 0, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)))]
+
+
+@pytest.mark.parametrize("spec", range(len(STRIDE_SPECS)))
+@pytest.mark.parametrize("qo,qs,sq,ko,ks,sk", [(1, 3, 8, 2, 3, 7), (0, 2, 12, 5, 1, 10), (3, 4, 5, 0, 4, 6)])
+def test_reference_strides_match_pair_by_pair_mask(spec, qo, qs, sq, ko, ks, sk):
+    kw = STRIDE_SPECS[spec]
+    q, k, v, dout = _qkv(2, 24, 4, 2, 8, seed=spec + qs)
+    q, dout, k, v = (t[:, :n].contiguous() for t, n in ((q, sq), (dout, sq), (k, sk), (v, sk)))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    lm = Mask(**kw).local(qo, sq, ko, sk, q_stride=qs, k_stride=ks)
+    from seqpar.ops.attention.reference import attention as ref_attention
+    out, lse = ref_attention(q, k, v, lm)
+    (out * dout).sum().backward()
+    visible = mask_matrix(2, 25, **kw)[:, qo::qs][:, :sq][:, :, ko::ks][:, :, :sk] if "block_sparse" in kw else \
+        mask_matrix(2, 24, **kw)[:, qo::qs][:, :sq][:, :, ko::ks][:, :, :sk]
+    qr, kr, vr = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    ref_out, ref_lse = naive_attention(qr, kr, vr, visible=visible)
+    (ref_out * dout).sum().backward()
+    torch.testing.assert_close(out, ref_out, **FP64_TOL)
+    assert torch.equal(lse.isinf(), ref_lse.isinf())
+    for got, ref in ((q.grad, qr.grad), (k.grad, kr.grad), (v.grad, vr.grad)):
+        torch.testing.assert_close(got, ref, **FP64_TOL)
+
+
+@pytest.mark.parametrize("spec", [dict(causal=True), dict(causal=False, window=3), dict(causal=True, window=2),
+                                  dict(causal=True, window=1, sinks=2, doc_ids=DOCS_24),
+                                  dict(causal=False, doc_ids=DOCS_24), STRIDE_SPECS[3]])
+def test_any_visible_never_misses_a_visible_pair(spec):
+    """False must be a proof (checked against the pair-by-pair mask); exact for unit strides without documents."""
+    s = 25 if "block_sparse" in spec else 24
+    m, full = Mask(**spec), mask_matrix(2, s, **spec)
+    exact = spec.get("doc_ids") is None and spec.get("block_sparse") is None
+    for qo, qs, sq, ko, ks, sk in [(0, 1, 6, 6, 1, 6), (12, 1, 6, 0, 1, 6), (6, 1, 6, 6, 1, 6), (0, 1, 6, 18, 1, 6),
+                                   (1, 4, 6, 2, 4, 5), (16, 1, 8, 0, 1, 5), (3, 1, 4, 17, 1, 7), (5, 3, 6, 0, 3, 2)]:
+        truth = bool(full[:, qo::qs][:, :sq][:, :, ko::ks][:, :, :sk].any())
+        got = m.any_visible(qo, sq, ko, sk, q_stride=qs, k_stride=ks)
+        assert got or not truth, (qo, qs, sq, ko, ks, sk)
+        if exact and qs == ks == 1:
+            assert got == truth, (qo, sq, ko, sk)
+    assert not m.any_visible(0, 0, 0, 4)
+
+
+def test_window_on_contiguous_shards_needs_few_ring_steps():
+    """A window W on shards of M tokens reaches ceil(W / M) earlier shards, so the ring can skip the rest."""
+    m, n, shard = Mask(window=5), 8, 4
+    for rank in range(n):
+        steps = [s for s in range(n) if m.any_visible(rank * shard, shard, ((rank - s) % n) * shard, shard)]
+        assert steps == [s for s in range(min(rank, 2) + 1)]  # ceil(5 / 4) = 2 earlier shards
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: one ValueError naming the field and the fix.
+# ---------------------------------------------------------------------------------------------------
+
+def test_bad_mask_inputs_name_the_field():
+    q = torch.zeros(2, 8, 2, 16)
+    with pytest.raises(ValueError, match=r"Mask\.doc_ids covers 6 tokens"):
+        attention_with_lse(q, q, q, mask=Mask(doc_ids=torch.zeros(2, 6, dtype=torch.long)))
+    with pytest.raises(ValueError, match=r"Mask\.doc_ids has batch 1"):
+        attention_with_lse(q, q, q, mask=Mask(doc_ids=torch.zeros(1, 8, dtype=torch.long)))
+    with pytest.raises(ValueError, match=r"Mask\.block_sparse covers 4 tokens"):
+        attention_with_lse(q, q, q, mask=Mask(block_sparse=(2, torch.ones(2, 2, dtype=torch.bool))))
+    with pytest.raises(ValueError, match="q_doc_ids must be non-decreasing"):
+        attention_with_lse(q, q, q, q_doc_ids=torch.tensor([[0, 1, 0, 1, 2, 2, 3, 3]] * 2),
+                           k_doc_ids=torch.zeros(2, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="window_left must be an int >= 0"):
+        attention_with_lse(q, q, q, window_left=-1)
+    with pytest.raises(ValueError, match=r"backend='sdpa_cudnn' does not support document masks; use backend="):
+        attention_with_lse(q.half(), q.half(), q.half(), mask=Mask(doc_ids=torch.zeros(2, 8, dtype=torch.long)),
+                           backend="sdpa_cudnn")
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_attention_rejects_integer_dtypes_and_head_dim_zero(backend):
+    """Issue 18 item 10: int64 inputs used to come back as int64, head_dim 0 raised ZeroDivisionError."""
+    x = torch.ones(1, 4, 2, 8, dtype=torch.int64)
+    with pytest.raises(ValueError, match="floating-point q, k, v"):
+        attention_with_lse(x, x, x, backend=backend)
+    z = torch.zeros(1, 4, 2, 0)
+    with pytest.raises(ValueError, match="head_dim >= 1"):
+        attention_with_lse(z, z, z, backend=backend)

@@ -89,6 +89,7 @@ GROUPS = {
         "fp16_window_docs": (2, 50, 50, 2, 2, 32, F16, dict(window_left=9, docs=DOCS_50)),
     },
 }
+
 TMA_ENV = "SEQPAR_TRITON_TMA"
 
 
@@ -105,6 +106,8 @@ def _inputs(spec, seed):
     g = torch.Generator().manual_seed(seed)
     mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)
     q, k, v, dout = mk(b, sq, h, d), mk(b, sk, hkv, d), mk(b, sk, hkv, d), mk(b, sq, h, d)
+    if "mask" in opts:
+        return q, k, v, dout, opts
     opts = dict(opts)
     docs = opts.pop("docs", None)
     if docs is not None:
@@ -129,12 +132,15 @@ def _close(name, got, ref, tol):
 
 def _check_case(spec, seed, dq_mode):
     """Forward (out, lse) and backward (dq, dk, dv) of the functional API vs the float64 reference."""
-    from reference import naive_attention
+    from reference import global_mask_case, naive_attention
     from seqpar.ops.attention.triton import function as at
 
     q, k, v, dout, opts = _inputs(spec, seed)
     tol = TOL[spec[6]]
-    mask, scale = _split(opts)
+    if "mask" in opts:  # a Mask(...) case (test_attention_triton_masks.py)
+        (mask, opts), scale = global_mask_case(spec), None
+    else:
+        mask, scale = _split(opts)
     out, lse = at.forward(q, k, v, mask, softmax_scale=scale)
     dq, dk, dv = at.backward(dout, q, k, v, out, lse, mask, softmax_scale=scale, dq_mode=dq_mode)
     qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
@@ -219,12 +225,11 @@ def _check_ring(seed):
         if not (torch.equal(got[0], old[0]) and torch.equal(got[1], old[1])):
             errs.append(f"mask={m.kinds}: Mask and keywords must give identical results")
         errs += [_close(f"mask {sorted(m.kinds)} out", got[0], ref[0], TOL[F32])]
-    try:
-        attention_with_lse(qm, km, vm, mask=Mask(window=4, sinks=2), backend="triton")
-        errs.append("triton with sinks must raise ValueError")
-    except ValueError as e:
-        if "attention-sink" not in str(e) or "'torch'" not in str(e):
-            errs.append(f"sinks error must name the kind and the fix: {e}")
+    # Every kind is declared now: a Mask with sinks runs on triton and equals the reference.
+    m = Mask(causal=True, window=3, sinks=2, doc_ids=docs)
+    got = attention_with_lse(qm, km, vm, mask=m, q_offset=25, k_offset=10, backend="triton")
+    ref = attention_with_lse(qm, km, vm, mask=m, q_offset=25, k_offset=10, backend="torch")
+    errs += [_close("mask sinks out", got[0], ref[0].double(), TOL[F32])]
     return [e for e in errs if e]
 
 

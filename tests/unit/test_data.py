@@ -256,3 +256,12 @@ def test_bpe_tokenizer_trains_caches_and_round_trips(tmp_path):
     assert len(list((cache / "streams").glob("*.npz"))) == 1
     assert np.array_equal(again.stream.tokens, train.stream.tokens)
     assert all(torch.equal(x[k], y[k]) for x, y in zip(_take(train, 2), _take(again, 2)) for k in x)
+
+
+def test_doc_mask_defaults_to_document_positions():
+    from seqpar.config import DataConfig
+
+    assert DataConfig().doc_mask and DataConfig().position_mode == "document"
+    assert DataConfig(doc_mask=False).position_mode == "sequence"
+    assert DataConfig(position_ids="sequence").position_mode == "sequence"
+    assert DataConfig(pose_target_len=64).position_mode == "sequence"  # PoSE writes its own positions

@@ -127,3 +127,19 @@ def test_causal_work_balance(n, L):
     # Contiguous: rank r sees r full blocks plus its diagonal, so the last rank does ~2N-1 times more.
     ct = _visible_pairs("contiguous", n, L).sum(0)
     assert ct.tolist() == [r * L * L + L * (L + 1) // 2 for r in range(n)]
+
+
+def test_rank_outside_the_group_is_a_clear_error():
+    x = torch.arange(16).view(1, 16)
+    for rank in (2, 5, -1):
+        with pytest.raises(ValueError, match=r"rank=.* is outside \[0, world_size=2\)"):
+            shard_sequence(x, 1, layout="zigzag", rank=rank, world_size=2)
+
+
+def test_docs_layout_round_trip_needs_its_doc_ids():
+    ids = torch.tensor([[0] * 3 + [1] * 20 + [2] * 9])
+    x = torch.randn(2, 32, 3)
+    shards = [shard_sequence(x, 1, layout="docs", rank=r, world_size=2, doc_ids=ids) for r in range(2)]
+    torch.testing.assert_close(gather_shards(shards, 1, "docs", doc_ids=ids), x, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="doc_ids"):
+        shard_sequence(x, 1, layout="docs", rank=0, world_size=2)

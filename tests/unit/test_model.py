@@ -246,3 +246,25 @@ def test_loss_decreases_with_adam():
     assert losses[-1] < 0.5 * losses[0]  # memorising one batch: well below half in 30 steps
     ref = F.cross_entropy(model.logits(model(inp, positions[:, :-1])).flatten(0, 1), labels.flatten())
     assert ref.item() < 0.5 * losses[0]
+
+
+def test_doc_ids_mask_attention_at_document_boundaries_and_window_config():
+    """doc_ids: each document's hidden states equal those of the document run alone (positions reset);
+    model.window/sinks build the Mask the attention receives; sinks need a window."""
+    from seqpar.config import ConfigError, ModelConfig
+    from seqpar.models import Llama
+
+    cfg = ModelConfig(vocab_size=40, dim=32, n_layers=2, n_heads=4, n_kv_heads=2)
+    torch.manual_seed(0)
+    model = Llama(cfg).double()
+    tokens = torch.randint(0, 40, (1, 12))
+    ids = torch.tensor([[0] * 5 + [1] * 7])
+    pos = torch.tensor([list(range(5)) + list(range(7))])
+    packed = model(tokens, pos, doc_ids=ids)
+    alone = torch.cat([model(tokens[:, :5], pos[:, :5]), model(tokens[:, 5:], pos[:, 5:])], dim=1)
+    torch.testing.assert_close(packed, alone, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(model(tokens, pos), alone)  # without doc ids the second document sees the first
+    m = Llama(ModelConfig(vocab_size=40, dim=32, n_layers=1, n_heads=4, window=3, sinks=1)).attention_mask(ids)
+    assert (m.window, m.sinks, m.causal) == (3, 1, True) and m.doc_ids is ids
+    with pytest.raises(ConfigError, match="model.sinks"):
+        ModelConfig(sinks=2)

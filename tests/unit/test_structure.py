@@ -2,7 +2,7 @@
 
 * no import cycle among seqpar's modules (module-level imports; ``if TYPE_CHECKING:`` blocks excluded);
 * nothing under ``seqpar/ops/`` imports ``torch.distributed``; nothing under ``seqpar/parallel/`` imports
-  ``seqpar.models``; ``seqpar/config.py`` knows no Hydra / OmegaConf;
+  ``seqpar.models``; ``seqpar/config/`` knows no Hydra / OmegaConf;
 * backends are records in a registry: no ``importlib`` or signature inspection in the attention or ring code;
 * nothing reads the environment at import time (module-level statements and decorators of ``seqpar/``);
 * every Python file of the project is under 400 lines.

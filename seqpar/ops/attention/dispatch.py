@@ -30,6 +30,10 @@ def local_mask(q: Tensor, k: Tensor, *, mask: Optional[Mask] = None, causal: boo
     ``[q_offset, q_offset + Sq)`` and keys ``[k_offset, k_offset + Sk)``) or from the per-call keywords.
     Raises ValueError when both are given."""
     if mask is None:
+        for name, ids in (("q_doc_ids", q_doc_ids), ("k_doc_ids", k_doc_ids)):
+            if ids is not None and ids.dim() == 2 and ids.shape[1] > 1 and bool((ids[:, 1:] < ids[:, :-1]).any()):
+                raise ValueError(f"{name} must be non-decreasing along the sequence (packed documents in order); "
+                                 "renumber the documents of each row in order of appearance.")
         return LocalMask(causal=bool(causal), q_offset=int(q_offset), k_offset=int(k_offset), window_left=window_left,
                          q_doc_ids=q_doc_ids, k_doc_ids=k_doc_ids)
     if not isinstance(mask, Mask):
@@ -39,6 +43,9 @@ def local_mask(q: Tensor, k: Tensor, *, mask: Optional[Mask] = None, causal: boo
     if given:
         raise ValueError(f"pass either mask=Mask(...) or the mask keywords {given}, not both; "
                          "put causal/window/doc_ids into the Mask.")
+    if mask.doc_ids is not None and mask.doc_ids.shape[0] != q.shape[0]:
+        raise ValueError(f"Mask.doc_ids has batch {mask.doc_ids.shape[0]} but q has batch {q.shape[0]}; give one row of "
+                         "global document ids per sequence ([batch, seq]).")
     return mask.local(int(q_offset), q.shape[1], int(k_offset), k.shape[1], device=q.device)
 
 

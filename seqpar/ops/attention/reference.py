@@ -6,8 +6,8 @@ block by block from the saved log-sum-exp (FlashAttention's recipe), so memory i
 
 It implements every mask kind of :class:`seqpar.ops.attention.mask.LocalMask` (causal, left and
 two-sided windows, attention sinks, documents, block-sparse), on *global* positions so a ring step
-can ask for the right mask between any two blocks: query ``i`` of this call sits at ``q_offset + i``
-and key ``j`` at ``k_offset + j``. It is the executable spec of the mask semantics.
+can ask for the right mask between any two blocks: query ``i`` of this call sits at
+``q_offset + q_stride * i`` and key ``j`` at ``k_offset + k_stride * j`` (strides: striped shards). It is the executable spec of the mask semantics.
 
 GQA: ``k``/``v`` may have ``H_kv`` heads with ``H % H_kv == 0``; queries are viewed as
 ``[B, H_kv, G, S, D]`` so K/V broadcast over the group ``G`` without being copied.
@@ -36,8 +36,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _visible(m: LocalMask, qs: int, qe: int, ks: int, ke: int, device) -> Optional[Tensor]:
     """Boolean visibility ``[B or 1, 1, 1, bq, bk]`` of queries ``[qs, qe)`` and keys ``[ks, ke)`` of
     this call, broadcastable to scores, or None if all visible."""
-    q_pos = torch.arange(qs, qe, device=device) + m.q_offset  # [bq] global positions
-    k_pos = torch.arange(ks, ke, device=device) + m.k_offset  # [bk]
+    q_pos = torch.arange(qs, qe, device=device) * m.q_stride + m.q_offset  # [bq] global positions
+    k_pos = torch.arange(ks, ke, device=device) * m.k_stride + m.k_offset  # [bk]
     diff = q_pos[:, None] - k_pos[None, :]  # [bq, bk]
     mask = None  # [B or 1, bq, bk]
     if m.causal:
@@ -64,8 +64,10 @@ def _visible(m: LocalMask, qs: int, qe: int, ks: int, ke: int, device) -> Option
     return None if mask is None else mask[:, None, None]
 
 
-def _block_skippable(m: LocalMask, q_lo: int, q_hi: int, k_lo: int, k_hi: int) -> bool:
-    """True when no (query, key) pair of the global position ranges [lo, hi) can be visible."""
+def _block_skippable(m: LocalMask, qs: int, qe: int, ks: int, ke: int) -> bool:
+    """True when no (query, key) pair of local rows [qs, qe) and keys [ks, ke) can be visible."""
+    q_lo, q_hi = m.q_offset + m.q_stride * qs, m.q_offset + m.q_stride * (qe - 1) + 1  # global [lo, hi)
+    k_lo, k_hi = m.k_offset + m.k_stride * ks, m.k_offset + m.k_stride * (ke - 1) + 1
     if m.causal and q_hi - 1 < k_lo:  # last query is before the first key
         return True
     if m.k_sink is None:  # sinks can be visible from anywhere: no window skipping then
@@ -90,9 +92,20 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Optional[LocalMask] = No
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"attention shapes disagree: q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}; "
                          "k and v must match and share batch and head_dim with q.")
-    if q.shape[2] % k.shape[2] != 0:
+    bad = [f"{n}={t.dtype}" for n, t in (("q", q), ("k", k), ("v", v)) if not t.dtype.is_floating_point]
+    if bad:
+        raise ValueError(f"attention needs floating-point q, k, v (float16/bfloat16/float32/float64); got "
+                         f"{', '.join(bad)}: convert with .float() (integer tensors have no softmax).")
+    if q.shape[3] == 0:
+        raise ValueError(f"attention needs head_dim >= 1; got q{tuple(q.shape)} with head_dim 0 "
+                         "(the softmax scale is 1/sqrt(head_dim)).")
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
         raise ValueError(f"query heads {q.shape[2]} are not divisible by key/value heads {k.shape[2]}; "
                          "n_heads must be a multiple of n_kv_heads.")
+    if mask is not None and mask.k_sink is not None and (mask.k_sink.dim() != 2 or mask.k_sink.shape[1] != k.shape[1]
+                                                         or mask.k_sink.shape[0] not in (1, k.shape[0])):
+        raise ValueError(f"k_sink must be [batch or 1, seq_k]={[k.shape[0], k.shape[1]]}; got "
+                         f"{list(mask.k_sink.shape)} (build it with Mask.local).")
     if mask is not None and mask.q_doc_ids is not None:
         b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
         if tuple(mask.q_doc_ids.shape) != (b, sq) or tuple(mask.k_doc_ids.shape) != (b, sk):
@@ -125,7 +138,6 @@ def forward(
     vh = v.permute(0, 2, 1, 3).unsqueeze(2)  # [B, Hkv, 1, Sk, D]
     out = torch.zeros(b, hkv, g, sq, d, dtype=acc, device=q.device)
     lse = torch.full((b, hkv, g, sq), NEG_INF, dtype=acc, device=q.device)
-    qo, ko = mask.q_offset, mask.k_offset
 
     for qs in range(0, sq, block_q):
         qe = min(qs + block_q, sq)
@@ -135,7 +147,7 @@ def forward(
         o = torch.zeros(b, hkv, g, qe - qs, d, dtype=acc, device=q.device)
         for ks in range(0, sk, block_k):
             ke = min(ks + block_k, sk)
-            if _block_skippable(mask, qo + qs, qo + qe, ko + ks, ko + ke):
+            if _block_skippable(mask, qs, qe, ks, ke):
                 continue
             s = qb @ kh[:, :, :, ks:ke].to(acc).transpose(-1, -2)  # [B, Hkv, G, bq, bk]
             vis = _visible(mask, qs, qe, ks, ke, q.device)
@@ -195,7 +207,6 @@ def backward(
     dq = torch.zeros(b, hkv, g, sq, d, dtype=acc, device=q.device)
     dk = torch.zeros(b, hkv, sk, d, dtype=acc, device=q.device)
     dv = torch.zeros(b, hkv, sk, d, dtype=acc, device=q.device)
-    qo, ko = mask.q_offset, mask.k_offset
 
     for qs in range(0, sq, block_q):
         qe = min(qs + block_q, sq)
@@ -207,7 +218,7 @@ def backward(
         dl_b = delta_h[:, :, :, qs:qe][..., None]
         for ks in range(0, sk, block_k):
             ke = min(ks + block_k, sk)
-            if _block_skippable(mask, qo + qs, qo + qe, ko + ks, ko + ke):
+            if _block_skippable(mask, qs, qe, ks, ke):
                 continue
             kb = kh[:, :, :, ks:ke].to(acc)  # [B, Hkv, 1, bk, D]
             vb = vh[:, :, :, ks:ke].to(acc)

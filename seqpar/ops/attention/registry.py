@@ -30,7 +30,8 @@ BACKEND_NAMES = ("auto", "torch", "triton", "sdpa_flash", "sdpa_cudnn")
 AUTO_ORDER = {"cuda": ("sdpa_cudnn", "triton", "sdpa_flash", "torch")}
 _KIND_WORDS = {"causal": "causal masks", "window": "sliding-window masks",
                "two_sided_window": "two-sided (non-causal) window masks", "documents": "document masks",
-               "sinks": "attention-sink masks", "block_sparse": "block-sparse masks"}
+               "sinks": "attention-sink masks", "block_sparse": "block-sparse masks",
+               "strided": "strided positions (q_stride/k_stride != 1, striped shards)"}
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -80,7 +81,11 @@ class Backend:
         return self.lse_grad
 
     def missing(self, q: Tensor, k: Tensor, mask: LocalMask, need_lse_grad: bool = False) -> Optional[str]:
-        """None when this backend can compute the call exactly, else what it lacks (a phrase)."""
+        """None when this backend can compute the call exactly, else what it lacks (a phrase). Mask kinds come
+        first: they are what the user chose, so the error names them whatever the device."""
+        extra = sorted(mask.kinds - self.mask_kinds)
+        if extra:
+            return "does not support " + " or ".join(_KIND_WORDS[k] for k in extra)
         if q.device.type not in self.devices:
             return f"does not run on {q.device.type} tensors (only {', '.join(self.devices)})"
         if q.dtype not in self.dtypes:
@@ -92,9 +97,6 @@ class Backend:
         if self.max_head_dim is not None and (d > self.max_head_dim or d % self.head_dim_multiple):
             return f"does not support head_dim {d} (needs <= {self.max_head_dim} and a multiple of " \
                    f"{self.head_dim_multiple})"
-        extra = sorted(mask.kinds - self.mask_kinds)
-        if extra:
-            return "does not support " + " or ".join(_KIND_WORDS[k] for k in extra)
         if self.aligned_causal_only and mask.causal:
             from seqpar.ops.attention.sdpa import mask_kind
             if mask_kind(q.shape[1], k.shape[1], True, mask.q_offset, mask.k_offset) is None:
@@ -154,7 +156,7 @@ RECORDS = {
                      dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64), mask_kinds=MASK_KINDS,
                      lse_grad=True),
     "triton": Backend("triton", _load_triton, devices=("cuda", "cpu"), dtypes=(*_HALF, torch.float32),
-                      mask_kinds=frozenset({"causal", "window", "documents"}), head_dims=(16, 32, 64, 128, 256),
+                      mask_kinds=MASK_KINDS, head_dims=(16, 32, 64, 128, 256),
                       lse_grad=True, ring_accumulators=True, available=_triton_available),
     "sdpa_flash": Backend("sdpa_flash", _load_flash, devices=("cuda",), dtypes=_HALF, mask_kinds=frozenset({"causal"}),
                           max_head_dim=256, head_dim_multiple=8, aligned_causal_only=True),

@@ -8,7 +8,12 @@ Three launches, FlashAttention-2's split:
    registers and walks the query blocks that can see its keys, for each of the G query heads of its
    GQA group (so dK/dV of a shared head are summed without atomics). Optionally (``DQ_ATOMIC``) it also
    adds dQ with fp32 atomics, which saves the recomputation of the separate dQ kernel.
-3. ``_attn_bwd_dq``: one program per (query block, batch, head) walking key blocks, like the forward.
+3. ``_attn_bwd_dq`` (:mod:`.bwd_dq`): one program per (query block, batch, head) walking key blocks,
+   like the forward.
+
+Masks as in the forward (:mod:`.masking`): each key tile visits only the query tiles its keys' row
+intervals (documents, block-sparse extent) and the causal/window bounds allow; a tile holding a sink
+key visits its whole document's rows; block-sparse pairs with no visible entry are never loaded.
 
 Q/dO tile loads of the dK/dV kernel come in two compile-time variants (``USE_TMA``): per-thread
 pointers (masked on ragged rows), or TMA through device-side tensor descriptors over ``[B, H, Sq, D]``
@@ -27,8 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from seqpar.ops.attention.triton.common import (FP32_CONFIG, _all, _cfg, candidates, interpreting, key_block_ranges,
-                                                prune_by, visible_mask)
+from seqpar.ops.attention.triton.common import FP32_CONFIG, _all, _cfg, interpreting, prune_by
+from seqpar.ops.attention.triton.masking import (MASK_KEYS, MASK_SCALARS, any_true, block_layout, query_block_ranges,
+                                                 visible_mask)
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -43,15 +49,7 @@ DKDV_CONFIGS = {
     128: [_cfg(64, 128, 8, 3), _cfg(32, 128, 8, 3), _cfg(64, 128, 8, 2)],
     256: [_cfg(64, 64, 8, 2), _cfg(32, 64, 4, 2)],
 }
-DQ_CONFIGS = {
-    16: [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)],
-    32: [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)],
-    64: [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)],
-    128: [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 2)],
-    256: [_cfg(64, 64, 8, 2), _cfg(64, 32, 4, 2)],
-}
 INTERPRET_DKDV_CONFIG = _cfg(16, 32, 4, 1)  # BLOCK_M != BLOCK_N on purpose: exercises unaligned diagonals
-INTERPRET_DQ_CONFIG = _cfg(32, 16, 4, 1)
 
 # dK/dV configs that also get a TMA-load candidate (USE_TMA=True) when both are autotuned (sm90+): the
 # ones ptxas shows gaining registers (NOTES-attention.md, v2); the list stays short for compile time.
@@ -86,7 +84,6 @@ def dkdv_candidates(args) -> list:
 
 
 prune_dkdv = prune_by(dkdv_candidates)
-dq_candidates = candidates(DQ_CONFIGS, INTERPRET_DQ_CONFIG)
 
 
 @triton.jit
@@ -107,122 +104,131 @@ def _attn_bwd_preprocess(Out, DO, Delta, stride_ob, stride_os, stride_oh, stride
 
 
 @triton.jit
-def query_block_ranges(start_n, Sq, Sk, q_offset, k_offset, window_left,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Query-block bounds ``lo <= full_lo <= full_hi <= hi`` for keys ``[start_n, start_n + BLOCK_N)``.
-
-    ``[full_lo, full_hi)`` holds in-bounds rows that see every key of the block; it is empty when the
-    key block itself is ragged (its out-of-bounds keys need the mask).
-    """
-    end_n = tl.minimum(start_n + BLOCK_N, Sk)
-    kp_first = k_offset + start_n
-    kp_last = k_offset + end_n - 1
-    lo = 0
-    full_lo = 0
-    hi = Sq
-    full_hi = (Sq // BLOCK_M) * BLOCK_M
-    if CAUSAL:  # row i sees key j iff q_offset + i >= k_offset + j
-        lo = tl.maximum(lo, kp_first - q_offset)
-        full_lo = tl.maximum(full_lo, kp_last - q_offset)
-    if HAS_WINDOW:  # and q_offset + i - (k_offset + j) <= window_left
-        hi = tl.minimum(hi, kp_last + window_left - q_offset + 1)
-        full_hi = tl.minimum(full_hi, kp_first + window_left - q_offset + 1)
-    hi = tl.maximum(hi, 0)
-    lo = (tl.minimum(lo, hi) // BLOCK_M) * BLOCK_M
-    full_lo = tl.maximum(tl.cdiv(full_lo, BLOCK_M) * BLOCK_M, lo)
-    full_hi = tl.minimum((tl.maximum(full_hi, 0) // BLOCK_M) * BLOCK_M, hi)
-    empty = (full_hi <= full_lo) | (start_n + BLOCK_N > Sk)
-    full_lo = tl.where(empty, lo, full_lo)
-    full_hi = tl.where(empty, lo, full_hi)
-    return lo, full_lo, full_hi, hi
-
-
-@triton.jit
-def _dkdv_stage(dk, dv, k, v, k_pos, k_doc, k_ok, Q_b, DO_b, DQ_b, Lse_b, Delta_b, QDoc_b, h0, G, b32,
-                stride_qs, stride_qh, stride_dos, stride_doh, stride_dqs, stride_dqh,
-                lo, hi, Sq, q_offset, window_left, qk_scale, sm_scale,
+def _dkdv_stage(dk, dv, n_tiles, k, v, k_pos, k_ok, c_lo, c_hi, k_sink, Q_b, DO_b, DQ_b, Lse_b, Delta_b, Layout,
+                h0, G, b32, stride_qs, stride_qh, stride_dos, stride_doh, stride_dqs, stride_dqh,
+                lo, hi, Sq, q_offset, q_stride, window_left, window_right, bs_size, bs_n, qk_scale, sm_scale,
                 BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_POS: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, DQ_ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr,
-                USE_TMA: tl.constexpr):
+                HAS_WINDOW: tl.constexpr, HAS_WINDOW_R: tl.constexpr, ROW_BOUNDS: tl.constexpr,
+                HAS_SINKS: tl.constexpr, BLOCK_SPARSE: tl.constexpr, STRIDED: tl.constexpr, COUNT: tl.constexpr,
+                DQ_ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr):
     # USE_TMA: Q_b / DO_b are tensor descriptors over [B, H, Sq, D] (block [1, 1, BLOCK_M, D]); TMA
     # zero-fills rows >= Sq, so the loads need neither per-thread addresses nor masks.
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
     n_blocks = tl.cdiv(hi - lo, BLOCK_M)
     # One flat loop over (GQA head g, query block): a nested `for g` loop around the block loop made
     # ptxas spill the dK/dV accumulators (NOTES-attention.md); the index split is two scalar ops.
     for it in tl.range(0, G * n_blocks):
         g = it // n_blocks
         start_m = tl.multiple_of(lo + (it - g * n_blocks) * BLOCK_M, BLOCK_M)
-        h = h0 + g
         rows = start_m + offs_m
         row_ok = rows < Sq
-        stat = h * Sq + rows  # Lse/Delta are [B, H, Sq] contiguous
-        if USE_TMA:
-            qT = tl.trans(Q_b.load([b32, h.to(tl.int32), start_m, 0]).reshape(BLOCK_M, HEAD_DIM))  # [D, BLOCK_M]
+        if STRIDED:
+            q_pos = (q_offset + rows * q_stride)[None, :]
         else:
-            qT_ptrs = Q_b + h * stride_qh + start_m.to(tl.int64) * stride_qs + offs_m[None, :] * stride_qs \
-                + offs_d[:, None]
+            q_pos = (q_offset + rows)[None, :]
+        visible = 0
+        go = True
+        if BLOCK_SPARSE:  # a (key tile, query tile) pair with no visible pair is never loaded (positions only)
+            layout = block_layout(Layout, q_pos, k_pos, k_ok & row_ok[None, :], bs_size, bs_n)
             if MASK_POS:
-                qT = tl.load(qT_ptrs, mask=row_ok[None, :], other=0.0)  # [D, BLOCK_M]
+                r = rows[None, :]
+                visible = visible_mask(q_pos, k_pos, k_ok & row_ok[None, :], (r >= c_lo) & (r < c_hi), k_sink, layout,
+                                       window_left, window_right, CAUSAL, HAS_WINDOW, HAS_WINDOW_R, ROW_BOUNDS,
+                                       HAS_SINKS, BLOCK_SPARSE)
+                go = any_true(visible)
             else:
-                qT = tl.load(qT_ptrs)
+                go = any_true(layout)
+        if go:
+            if COUNT:
+                n_tiles += 1
+            dk, dv = _dkdv_tile(dk, dv, k, v, k_pos, k_ok, c_lo, c_hi, k_sink, Q_b, DO_b, DQ_b, Lse_b, Delta_b,
+                                h0 + g, b32, start_m, rows, row_ok, q_pos, visible, stride_qs, stride_qh, stride_dos,
+                                stride_doh, stride_dqs, stride_dqh, Sq, window_left, window_right, qk_scale, sm_scale,
+                                BLOCK_M, HEAD_DIM, MASK_POS, CAUSAL, HAS_WINDOW, HAS_WINDOW_R, ROW_BOUNDS, HAS_SINKS,
+                                BLOCK_SPARSE, DQ_ATOMIC, DOT_PREC, USE_TMA)
+    return dk, dv, n_tiles
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, k_pos, k_ok, c_lo, c_hi, k_sink, Q_b, DO_b, DQ_b, Lse_b, Delta_b, h, b32, start_m,
+               rows, row_ok, q_pos, visible, stride_qs, stride_qh, stride_dos, stride_doh, stride_dqs, stride_dqh,
+               Sq, window_left, window_right, qk_scale, sm_scale,
+               BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_POS: tl.constexpr, CAUSAL: tl.constexpr,
+               HAS_WINDOW: tl.constexpr, HAS_WINDOW_R: tl.constexpr, ROW_BOUNDS: tl.constexpr,
+               HAS_SINKS: tl.constexpr, BLOCK_SPARSE: tl.constexpr, DQ_ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr,
+               USE_TMA: tl.constexpr):
+    """One (query tile, GQA head) step of the dK/dV program: dV += P^T dO, dK += dS^T Q (dQ by atomics)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    stat = h * Sq + rows  # Lse/Delta are [B, H, Sq] contiguous
+    if USE_TMA:
+        qT = tl.trans(Q_b.load([b32, h.to(tl.int32), start_m, 0]).reshape(BLOCK_M, HEAD_DIM))  # [D, BLOCK_M]
+    else:
+        qT_ptrs = Q_b + h * stride_qh + start_m.to(tl.int64) * stride_qs + offs_m[None, :] * stride_qs \
+            + offs_d[:, None]
         if MASK_POS:
-            lse = tl.load(Lse_b + stat, mask=row_ok, other=float("inf"))  # p = 0 for padding rows
+            qT = tl.load(qT_ptrs, mask=row_ok[None, :], other=0.0)  # [D, BLOCK_M]
         else:
-            lse = tl.load(Lse_b + stat)
-        # A row that saw no key (lse = -inf) has p = 0 everywhere: exp2(s - inf), not exp2(s + inf).
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
-        qkT = tl.dot(k, qT, input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_M] = (Q K^T)^T
-        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
-        if MASK_POS or HAS_DOCS:
-            q_doc = 0
-            if HAS_DOCS:
-                q_doc = tl.load(QDoc_b + rows, mask=row_ok, other=-2)[None, :]
-            visible = visible_mask((q_offset + rows)[None, :], k_pos, k_ok & row_ok[None, :], q_doc, k_doc,
-                                   window_left, MASK_POS, CAUSAL, HAS_WINDOW, HAS_DOCS)
-            pT = tl.where(visible, pT, 0.0)
-        if USE_TMA:
-            do = DO_b.load([b32, h.to(tl.int32), start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
-        else:
-            do_ptrs = DO_b + h * stride_doh + start_m.to(tl.int64) * stride_dos + offs_m[:, None] * stride_dos \
-                + offs_d[None, :]
-            if MASK_POS:
-                do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
-            else:
-                do = tl.load(do_ptrs)
+            qT = tl.load(qT_ptrs)
+    if MASK_POS:
+        lse = tl.load(Lse_b + stat, mask=row_ok, other=float("inf"))  # p = 0 for padding rows
+    else:
+        lse = tl.load(Lse_b + stat)
+    # A row that saw no key (lse = -inf) has p = 0 everywhere: exp2(s - inf), not exp2(s + inf).
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+    qkT = tl.dot(k, qT, input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_M] = (Q K^T)^T
+    pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+    if MASK_POS:
+        if not BLOCK_SPARSE:  # (block-sparse: computed by the caller, before the loads)
+            r = rows[None, :]
+            visible = visible_mask(q_pos, k_pos, k_ok & row_ok[None, :], (r >= c_lo) & (r < c_hi), k_sink, 0,
+                                   window_left, window_right, CAUSAL, HAS_WINDOW, HAS_WINDOW_R, ROW_BOUNDS,
+                                   HAS_SINKS, BLOCK_SPARSE)
+        pT = tl.where(visible, pT, 0.0)
+    if USE_TMA:
+        do = DO_b.load([b32, h.to(tl.int32), start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+    else:
+        do_ptrs = DO_b + h * stride_doh + start_m.to(tl.int64) * stride_dos + offs_m[:, None] * stride_dos \
+            + offs_d[None, :]
         if MASK_POS:
-            delta = tl.load(Delta_b + stat, mask=row_ok, other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
         else:
-            delta = tl.load(Delta_b + stat)
-        dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_M]
-        dsT = (pT * (dpT - delta[None, :])).to(qT.dtype)
-        dk += tl.dot(dsT, tl.trans(qT), input_precision=DOT_PREC)
-        if DQ_ATOMIC:
-            dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PREC) * sm_scale  # [BLOCK_M, D]
-            dq_ptrs = DQ_b + h * stride_dqh + start_m.to(tl.int64) * stride_dqs + offs_m[:, None] * stride_dqs \
-                + offs_d[None, :]
-            tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
+            do = tl.load(do_ptrs)
+    if MASK_POS:
+        delta = tl.load(Delta_b + stat, mask=row_ok, other=0.0)
+    else:
+        delta = tl.load(Delta_b + stat)
+    dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_M]
+    dsT = (pT * (dpT - delta[None, :])).to(qT.dtype)
+    dk += tl.dot(dsT, tl.trans(qT), input_precision=DOT_PREC)
+    if DQ_ATOMIC:
+        dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PREC) * sm_scale  # [BLOCK_M, D]
+        dq_ptrs = DQ_b + h * stride_dqh + start_m.to(tl.int64) * stride_dqs + offs_m[:, None] * stride_dqs \
+            + offs_d[None, :]
+        tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
     return dk, dv
 
 
 @triton.autotune(configs=_both(_all(DKDV_CONFIGS, INTERPRET_DKDV_CONFIG)),
-                 key=["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_DOCS", "ACCUMULATE", "DQ_ATOMIC", "tune_size",
-                      "tma_mode"],
+                 key=["HEAD_DIM", *MASK_KEYS, "ACCUMULATE", "DQ_ATOMIC", "tune_size", "tma_mode"],
                  prune_configs_by={"early_config_prune": prune_by(dkdv_candidates)},
                  restore_value=["DK", "DV", "DQ"], cache_results=True)
-@triton.jit(do_not_specialize=["q_offset", "k_offset", "window_left", "tune_size", "tma_mode"])
-def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, DQ, QDoc, KDoc,
+@triton.jit(do_not_specialize=[*MASK_SCALARS, "tune_size", "tma_mode"])
+def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, DQ, Cols, Layout, Count,
                    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
                    stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
-                   stride_dqb, stride_dqs, stride_dqh, stride_qdb, stride_kdb,
-                   H, G, Sq, Sk, q_offset, k_offset, window_left, qk_scale, sm_scale, tune_size, tma_mode,
-                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
-                   ACCUMULATE: tl.constexpr, DQ_ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr = False):
-    """Grid ``(cdiv(Sk, BLOCK_N), B * H // G)``. dK/dV ``[B, Sk, H // G, D]``; dQ (atomic mode) fp32 ``[B, Sq, H, D]``.
+                   stride_dqb, stride_dqs, stride_dqh,
+                   H, G, Sq, Sk, q_offset, k_offset, q_stride, k_stride, window_left, window_right, bs_size, bs_n,
+                   qk_scale, sm_scale, tune_size, tma_mode,
+                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_WINDOW_R: tl.constexpr,
+                   ROW_BOUNDS: tl.constexpr, HAS_SINKS: tl.constexpr, BLOCK_SPARSE: tl.constexpr,
+                   STRIDED: tl.constexpr, ACCUMULATE: tl.constexpr, DQ_ATOMIC: tl.constexpr, COUNT: tl.constexpr,
+                   DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr = False):
+    """Grid ``(cdiv(Sk, BLOCK_N), B * H // G)``. dK/dV ``[B, Sk, H // G, D]``; dQ (atomic mode) fp32 ``[B, Sq, H, D]``;
+    Cols int32 ``[B, 3, Sk]`` (:func:`.bounds.col_bounds`), Layout int8 ``[nb, nb]``, Count int32
+    ``[B * H // G, grid_n]`` (``COUNT``: (query tile, head) steps per program, a test hook).
 
     ``tma_mode`` only selects autotune candidates (see :func:`.bwd_launch.tma_mode`); USE_TMA defaults to pointer
     loads so a config pinned without it (e.g. a benchmark's precompile) still compiles.
@@ -241,14 +247,27 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, DQ, QDoc, KDoc,
     v_rows = start_n.to(tl.int64) * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :]
     k = tl.load(K + b * stride_kb + kvh * stride_kh + k_rows, mask=col_ok[:, None], other=0.0)  # [BLOCK_N, D]
     v = tl.load(V + b * stride_vb + kvh * stride_vh + v_rows, mask=col_ok[:, None], other=0.0)
-    k_pos = (k_offset + cols)[:, None]
+    if STRIDED:
+        k_pos = (k_offset + cols * k_stride)[:, None]
+    else:
+        k_pos = (k_offset + cols)[:, None]
     k_ok = col_ok[:, None]
-    k_doc = 0
-    if HAS_DOCS:
-        k_doc = tl.load(KDoc + b * stride_kdb + cols, mask=col_ok, other=-1)[:, None]
-    QDoc_b = QDoc + b * stride_qdb
-    lo, full_lo, full_hi, hi = query_block_ranges(start_n, Sq, Sk, q_offset, k_offset, window_left,
-                                                  BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    c_lo = 0
+    c_hi = 0
+    k_sink = 0
+    has_sink = False
+    if ROW_BOUNDS or HAS_SINKS:  # [B, 3, Sk]: row interval of each key, sink flag
+        C_b = Cols + b * 3 * Sk + cols
+        c_lo = tl.load(C_b, mask=col_ok, other=Sq)
+        c_hi = tl.load(C_b + Sk, mask=col_ok, other=0)
+        sink = tl.load(C_b + 2 * Sk, mask=col_ok, other=0)
+        has_sink = tl.max(sink, 0) > 0
+        k_sink = sink[:, None] != 0
+    lo, full_lo, full_hi, hi = query_block_ranges(
+        start_n, Sq, Sk, q_offset, k_offset, q_stride, k_stride, window_left, window_right, col_ok, c_lo, c_hi,
+        has_sink, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_WINDOW_R, STRIDED, ROW_BOUNDS, HAS_SINKS, BLOCK_SPARSE)
+    c_lo = c_lo[:, None]
+    c_hi = c_hi[:, None]
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     if USE_TMA:  # device-side descriptors (global scratch from triton's allocator); b, h index them
@@ -266,17 +285,22 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, DQ, QDoc, KDoc,
     Delta_b = Delta + b * H * Sq
     b32 = (pid_bkv // hkv).to(tl.int32)
     h0 = kvh * G  # this kv head serves query heads [h0, h0 + G): their dK/dV sum in registers
-    strides = (stride_qs, stride_qh, stride_dos, stride_doh, stride_dqs, stride_dqh)
-    if CAUSAL:  # the diagonal rows
-        dk, dv = _dkdv_stage(dk, dv, k, v, k_pos, k_doc, k_ok, Q_b, DO_b, DQ_b, Lse_b, Delta_b, QDoc_b, h0, G, b32,
-                             *strides, lo, full_lo, Sq, q_offset, window_left, qk_scale, sm_scale,
-                             BLOCK_M, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_DOCS, DQ_ATOMIC, DOT_PREC, USE_TMA)
-    dk, dv = _dkdv_stage(dk, dv, k, v, k_pos, k_doc, k_ok, Q_b, DO_b, DQ_b, Lse_b, Delta_b, QDoc_b, h0, G, b32,
-                         *strides, full_lo, full_hi, Sq, q_offset, window_left, qk_scale, sm_scale,
-                         BLOCK_M, HEAD_DIM, False, CAUSAL, HAS_WINDOW, HAS_DOCS, DQ_ATOMIC, DOT_PREC, USE_TMA)
-    dk, dv = _dkdv_stage(dk, dv, k, v, k_pos, k_doc, k_ok, Q_b, DO_b, DQ_b, Lse_b, Delta_b, QDoc_b, h0, G, b32,
-                         *strides, full_hi, hi, Sq, q_offset, window_left, qk_scale, sm_scale,
-                         BLOCK_M, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_DOCS, DQ_ATOMIC, DOT_PREC, USE_TMA)
+    n_tiles = pid_n * 0  # COUNT: a scalar counter (folded away otherwise)
+    args = (k, v, k_pos, k_ok, c_lo, c_hi, k_sink, Q_b, DO_b, DQ_b, Lse_b, Delta_b, Layout, h0, G, b32,
+            stride_qs, stride_qh, stride_dos, stride_doh, stride_dqs, stride_dqh)
+    scal = (Sq, q_offset, q_stride, window_left, window_right, bs_size, bs_n, qk_scale, sm_scale)
+    if CAUSAL or HAS_WINDOW_R or ROW_BOUNDS or BLOCK_SPARSE or STRIDED:  # rows before the full part
+        dk, dv, n_tiles = _dkdv_stage(dk, dv, n_tiles, *args, lo, full_lo, *scal, BLOCK_M, HEAD_DIM, True, CAUSAL,
+                                      HAS_WINDOW, HAS_WINDOW_R, ROW_BOUNDS, HAS_SINKS, BLOCK_SPARSE, STRIDED, COUNT,
+                                      DQ_ATOMIC, DOT_PREC, USE_TMA)
+    dk, dv, n_tiles = _dkdv_stage(dk, dv, n_tiles, *args, full_lo, full_hi, *scal, BLOCK_M, HEAD_DIM, False, CAUSAL,
+                                  HAS_WINDOW, HAS_WINDOW_R, ROW_BOUNDS, HAS_SINKS, BLOCK_SPARSE, STRIDED, COUNT,
+                                  DQ_ATOMIC, DOT_PREC, USE_TMA)
+    dk, dv, n_tiles = _dkdv_stage(dk, dv, n_tiles, *args, full_hi, hi, *scal, BLOCK_M, HEAD_DIM, True, CAUSAL,
+                                  HAS_WINDOW, HAS_WINDOW_R, ROW_BOUNDS, HAS_SINKS, BLOCK_SPARSE, STRIDED, COUNT,
+                                  DQ_ATOMIC, DOT_PREC, USE_TMA)
+    if COUNT:
+        tl.store(Count + pid_bkv * tl.num_programs(0) + pid_n, n_tiles)
     dk = dk * sm_scale
     dk_ptrs = DK + b * stride_dkb + kvh * stride_dkh + start_n.to(tl.int64) * stride_dks \
         + offs_n[:, None] * stride_dks + offs_d[None, :]
@@ -287,97 +311,3 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, DQ, QDoc, KDoc,
         dv += tl.load(dv_ptrs, mask=col_ok[:, None], other=0.0)
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
-
-
-@triton.jit
-def _dq_stage(dq, q, do, lse2, delta, q_pos, q_doc, K_head, V_head, KDoc_b, stride_ks, stride_vs,
-              lo, hi, Sk, k_offset, window_left, qk_scale,
-              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_POS: tl.constexpr, CAUSAL: tl.constexpr,
-              HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, DOT_PREC: tl.constexpr):
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    for start_n in tl.range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        cols = start_n + offs_n
-        kT_ptrs = K_head + start_n.to(tl.int64) * stride_ks + offs_n[None, :] * stride_ks + offs_d[:, None]
-        vT_ptrs = V_head + start_n.to(tl.int64) * stride_vs + offs_n[None, :] * stride_vs + offs_d[:, None]
-        if MASK_POS:
-            kT = tl.load(kT_ptrs, mask=cols[None, :] < Sk, other=0.0)  # [D, BLOCK_N]
-            vT = tl.load(vT_ptrs, mask=cols[None, :] < Sk, other=0.0)
-        else:
-            kT = tl.load(kT_ptrs)
-            vT = tl.load(vT_ptrs)
-        qk = tl.dot(q, kT, input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_N]
-        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
-        if MASK_POS or HAS_DOCS:
-            k_doc = 0
-            if HAS_DOCS:
-                k_doc = tl.load(KDoc_b + cols, mask=cols < Sk, other=-1)[None, :]
-            visible = visible_mask(q_pos[:, None], (k_offset + cols)[None, :], cols[None, :] < Sk, q_doc, k_doc,
-                                   window_left, MASK_POS, CAUSAL, HAS_WINDOW, HAS_DOCS)
-            p = tl.where(visible, p, 0.0)
-        dp = tl.dot(do, vT, input_precision=DOT_PREC)
-        ds = (p * (dp - delta[:, None])).to(kT.dtype)
-        dq = tl.dot(ds, tl.trans(kT), dq, input_precision=DOT_PREC)
-    return dq
-
-
-@triton.autotune(configs=_all(DQ_CONFIGS, INTERPRET_DQ_CONFIG),
-                 key=["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_DOCS", "ACCUMULATE", "tune_size"],
-                 prune_configs_by={"early_config_prune": prune_by(dq_candidates)},
-                 restore_value=["DQ"], cache_results=True)
-@triton.jit(do_not_specialize=["q_offset", "k_offset", "window_left", "tune_size"])
-def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, QDoc, KDoc,
-                 stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
-                 stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
-                 stride_dqb, stride_dqs, stride_dqh, stride_qdb, stride_kdb,
-                 H, G, Sq, Sk, q_offset, k_offset, window_left, qk_scale, sm_scale, tune_size,
-                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
-                 ACCUMULATE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Grid ``(cdiv(Sq, BLOCK_M), B * H)``. dQ ``[B, Sq, H, D]``."""
-    pid_m = tl.program_id(0)
-    if CAUSAL:  # heaviest (last) query blocks first
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    kvh = h // G
-    start_m = pid_m * BLOCK_M
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    rows = start_m + offs_m
-    row_ok = rows < Sq
-    row_base = start_m.to(tl.int64)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + row_base * stride_qs + offs_m[:, None] * stride_qs
-                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + row_base * stride_dos + offs_m[:, None] * stride_dos
-                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    lse = tl.load(Lse + pid_bh.to(tl.int64) * Sq + rows, mask=row_ok, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
-    delta = tl.load(Delta + pid_bh.to(tl.int64) * Sq + rows, mask=row_ok, other=0.0)
-    q_pos = q_offset + rows
-    q_doc = 0
-    if HAS_DOCS:
-        q_doc = tl.load(QDoc + b * stride_qdb + rows, mask=row_ok, other=-2)[:, None]
-    K_head = K + b * stride_kb + kvh * stride_kh
-    V_head = V + b * stride_vb + kvh * stride_vh
-    KDoc_b = KDoc + b * stride_kdb
-    lo, full_lo, full_hi, hi = key_block_ranges(start_m, Sq, Sk, q_offset, k_offset, window_left,
-                                                BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    if HAS_WINDOW:
-        dq = _dq_stage(dq, q, do, lse2, delta, q_pos, q_doc, K_head, V_head, KDoc_b, stride_ks, stride_vs,
-                       lo, full_lo, Sk, k_offset, window_left, qk_scale,
-                       BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_DOCS, DOT_PREC)
-    dq = _dq_stage(dq, q, do, lse2, delta, q_pos, q_doc, K_head, V_head, KDoc_b, stride_ks, stride_vs,
-                   full_lo, full_hi, Sk, k_offset, window_left, qk_scale,
-                   BLOCK_N, HEAD_DIM, False, CAUSAL, HAS_WINDOW, HAS_DOCS, DOT_PREC)
-    dq = _dq_stage(dq, q, do, lse2, delta, q_pos, q_doc, K_head, V_head, KDoc_b, stride_ks, stride_vs,
-                   full_hi, hi, Sk, k_offset, window_left, qk_scale,
-                   BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_DOCS, DOT_PREC)
-    dq = dq * sm_scale
-    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + row_base * stride_dqs + offs_m[:, None] * stride_dqs \
-        + offs_d[None, :]
-    if ACCUMULATE:
-        dq += tl.load(dq_ptrs, mask=row_ok[:, None], other=0.0)
-    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])

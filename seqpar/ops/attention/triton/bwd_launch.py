@@ -13,11 +13,12 @@ import torch
 import triton
 
 from seqpar.ops.attention.mask import LocalMask
-from seqpar.ops.attention.triton.bwd import (_attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess, dkdv_candidates,
-                                             dq_candidates)
-from seqpar.ops.attention.triton.common import (check_triton_inputs, doc_ids_arg, dot_precision, env_tma,
-                                                interpreter_compat, interpreting, last_dim_contiguous, run_kernel,
-                                                tune_size)
+from seqpar.ops.attention.triton.bounds import (check_positions, col_bounds, layout_arg, mask_flags, mask_scalars,
+                                                row_bounds)
+from seqpar.ops.attention.triton.bwd import _attn_bwd_dkdv, _attn_bwd_preprocess, dkdv_candidates
+from seqpar.ops.attention.triton.bwd_dq import _attn_bwd_dq, dq_candidates
+from seqpar.ops.attention.triton.common import (check_triton_inputs, dot_precision, env_tma, interpreter_compat,
+                                                interpreting, last_dim_contiguous, run_kernel, tune_size)
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,15 +80,18 @@ def _grad_buffer(acc: Optional[torch.Tensor], like: torch.Tensor, dtype: torch.d
 
 def attention_bwd_launch(dout, q, k, v, out, lse, mask: LocalMask, *, softmax_scale: Optional[float], delta=None,
                          dq_acc=None, dk_acc=None, dv_acc=None, grad_dtype: torch.dtype = torch.float32,
-                         dq_mode: str = "kernel", tma: Optional[bool] = None, autotune: bool = True):
+                         dq_mode: str = "kernel", tma: Optional[bool] = None, autotune: bool = True,
+                         tile_counts: Optional[torch.Tensor] = None):
     """Run the backward kernels. Shapes as in :func:`seqpar.ops.attention.triton.function.backward`.
 
     ``grad_dtype`` is the dtype of freshly allocated gradients (fp32 for the public API; the autograd
     path asks for the input dtype to skip a cast pass). ``dq_mode``: ``"kernel"`` (separate dQ kernel)
     or ``"atomic"`` (dQ added by the dK/dV kernel with fp32 atomics). ``tma``: see :func:`tma_mode`.
-    ``autotune=False`` runs the first listed tile of each kernel.
+    ``autotune=False`` runs the first listed tile of each kernel. ``tile_counts`` (a test hook: int32
+    ``[B * Hkv, cdiv(Sk, BLOCK_N)]``): filled with the (query tile, head) steps each dK/dV program loaded.
     """
     check_triton_inputs(q, k, v, mask)
+    check_positions(mask, q.shape[1], k.shape[1])
     if interpreting():
         interpreter_compat()
     if dq_mode not in ("kernel", "atomic"):
@@ -104,12 +108,10 @@ def attention_bwd_launch(dout, q, k, v, out, lse, mask: LocalMask, *, softmax_sc
     lse = lse.to(torch.float32).contiguous()
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     dot_prec = dot_precision(q.dtype)
-    q_doc_ids, k_doc_ids, window_left = mask.q_doc_ids, mask.k_doc_ids, mask.window_left
-    heads = dict(H=h, G=h // hkv, Sq=sq, Sk=sk, q_offset=int(mask.q_offset), k_offset=int(mask.k_offset),
-                 window_left=int(window_left or 0), qk_scale=scale * 1.4426950408889634, sm_scale=scale,
-                 tune_size=tune_size(b, h, sq, sk, d))
-    flags = dict(HEAD_DIM=d, CAUSAL=bool(mask.causal), HAS_WINDOW=window_left is not None,
-                 HAS_DOCS=q_doc_ids is not None, DOT_PREC=dot_prec)
+    heads = dict(H=h, G=h // hkv, Sq=sq, Sk=sk)
+    scalars = dict(zip(("q_offset", "k_offset", "q_stride", "k_stride", "window_left", "window_right"),
+                       mask_scalars(mask)))
+    flags = dict(HEAD_DIM=d, **mask_flags(mask), DOT_PREC=dot_prec)
     if delta is None:
         delta = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
         if sq > 0 and b * h > 0:
@@ -131,25 +133,34 @@ def attention_bwd_launch(dout, q, k, v, out, lse, mask: LocalMask, *, softmax_sc
             if not acc:
                 t.zero_()
         return dq, dk, dv
-    qd, kd = doc_ids_arg(q_doc_ids, q), doc_ids_arg(k_doc_ids, q)
-    doc_strides = (qd.stride(0) if q_doc_ids is not None else 0, kd.stride(0) if k_doc_ids is not None else 0)
+    layout, bs_size, bs_n = layout_arg(mask, q.device)
+    dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+    cols = col_bounds(mask, b, sq, sk, q.device)
+    count = tile_counts is not None
+    if count and (tile_counts.dtype != torch.int32 or not tile_counts.is_contiguous()):
+        raise ValueError("tile_counts must be a contiguous int32 tensor [B * Hkv, number of key tiles].")
+    scalars.update(bs_size=bs_size, bs_n=bs_n, qk_scale=scale * 1.4426950408889634, sm_scale=scale,
+                   tune_size=tune_size(b, h, sq, sk, d))
     mode = tma_mode(q, dout, tma=tma)
     if mode and not interpreting():
         ensure_allocator()
     run_kernel(_attn_bwd_dkdv, lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), b * hkv), dkdv_candidates, autotune,
-               (q, k, v, dout, lse, delta, dk, dv, dq, qd, kd,
+               (q, k, v, dout, lse, delta, dk, dv, dq, cols if cols is not None else dummy, layout,
+                tile_counts if count else dummy,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
                 dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-                dq.stride(0), dq.stride(1), dq.stride(2), *doc_strides),
-               dict(**heads, **flags, tma_mode=mode, ACCUMULATE=acc_kv, DQ_ATOMIC=dq_mode == "atomic"))
+                dq.stride(0), dq.stride(1), dq.stride(2)),
+               dict(**heads, **scalars, **flags, tma_mode=mode, ACCUMULATE=acc_kv, DQ_ATOMIC=dq_mode == "atomic",
+                    COUNT=count))
     if dq_mode == "kernel":
+        rows = row_bounds(mask, b, sq, sk, q.device)
         run_kernel(_attn_bwd_dq, lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * h), dq_candidates, autotune,
-                   (q, k, v, dout, lse, delta, dq, qd, kd,
+                   (q, k, v, dout, lse, delta, dq, rows if rows is not None else dummy, layout,
                     q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                     v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-                    dq.stride(0), dq.stride(1), dq.stride(2), *doc_strides),
-                   dict(**heads, **flags, ACCUMULATE=acc_q))
+                    dq.stride(0), dq.stride(1), dq.stride(2)),
+                   dict(**heads, **scalars, **flags, ACCUMULATE=acc_q))
     elif dq_acc is None and grad_dtype != torch.float32:
         dq = dq.to(grad_dtype)
     return dq, dk, dv

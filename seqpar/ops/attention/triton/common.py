@@ -25,13 +25,11 @@ from typing import Callable, Optional
 
 import torch
 import triton
-import triton.language as tl
 
-from seqpar.ops.attention.mask import LocalMask
+from seqpar.ops.attention.mask import MASK_KINDS, LocalMask  # the kernels express every kind (.masking, .bounds)
 from seqpar.ops.attention.reference import check_inputs
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
-MASK_KINDS = frozenset({"causal", "window", "documents"})  # what the kernels express (left window only)
 TMA_ENV = "SEQPAR_TRITON_TMA"
 
 
@@ -109,54 +107,6 @@ def run_kernel(kernel, grid, pick: Callable[[dict], list], autotune: bool, args:
     kernel.fn[grid](*args, **kwargs, **cfg.all_kwargs())
 
 
-@triton.jit
-def key_block_ranges(start_m, Sq, Sk, q_offset, k_offset, window_left,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Key-block bounds ``lo <= full_lo <= full_hi <= hi`` for query rows ``[start_m, start_m + BLOCK_M)``.
-
-    ``lo``, ``full_lo``, ``full_hi`` are multiples of BLOCK_N; ``[full_lo, full_hi)`` holds only
-    in-bounds keys that every (in-bounds) row of the block sees. Used by the forward and dQ kernels.
-    """
-    end_m = tl.minimum(start_m + BLOCK_M, Sq)
-    qp_first = q_offset + start_m
-    qp_last = q_offset + end_m - 1
-    hi = Sk
-    full_hi = (Sk // BLOCK_N) * BLOCK_N  # the ragged tail stays masked
-    lo = 0
-    full_lo = 0
-    if CAUSAL:  # key j visible to row i iff k_offset + j <= q_offset + i
-        hi = tl.minimum(hi, qp_last - k_offset + 1)
-        full_hi = tl.minimum(full_hi, qp_first - k_offset + 1)
-    if HAS_WINDOW:  # and q_pos - k_pos <= window_left
-        lo = tl.maximum(lo, qp_first - window_left - k_offset)
-        full_lo = tl.maximum(full_lo, qp_last - window_left - k_offset)
-    hi = tl.maximum(hi, 0)
-    lo = (tl.minimum(lo, hi) // BLOCK_N) * BLOCK_N  # non-negative before dividing: no rounding sign issues
-    full_lo = tl.maximum(tl.cdiv(full_lo, BLOCK_N) * BLOCK_N, lo)
-    full_hi = tl.minimum((tl.maximum(full_hi, 0) // BLOCK_N) * BLOCK_N, hi)
-    empty = full_hi <= full_lo
-    full_lo = tl.where(empty, lo, full_lo)
-    full_hi = tl.where(empty, lo, full_hi)
-    return lo, full_lo, full_hi, hi
-
-
-@triton.jit
-def visible_mask(q_pos, k_pos, in_bounds, q_doc, k_doc, window_left, MASK_POS: tl.constexpr,
-                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr):
-    """Boolean visibility of broadcastable query/key positions (same rules as the reference)."""
-    if MASK_POS:
-        visible = in_bounds
-        if CAUSAL:
-            visible = visible & (q_pos >= k_pos)
-        if HAS_WINDOW:
-            visible = visible & (q_pos - k_pos <= window_left)
-        if HAS_DOCS:
-            visible = visible & (q_doc == k_doc)
-    else:
-        visible = q_doc == k_doc
-    return visible
-
-
 def interpreter_compat() -> None:
     """Make triton 3.6's CPU interpreter run loops with run-time bounds under NumPy >= 2.4.
 
@@ -198,13 +148,6 @@ def check_triton_inputs(q, k, v, mask: LocalMask) -> None:
     extra = mask.kinds - MASK_KINDS
     if extra:
         raise ValueError(f"triton attention supports no {sorted(extra)} masks; use backend='torch'.")
-
-
-def doc_ids_arg(ids: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    # int32 with unit seq stride; a 1-element dummy keeps the kernel signature fixed when absent.
-    if ids is None:
-        return torch.zeros(1, dtype=torch.int32, device=like.device)
-    return ids.to(device=like.device, dtype=torch.int32).contiguous()
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -11,8 +11,12 @@ The key loop is split into three stages so that only blocks that straddle a mask
     [full_lo, full_hi)   unmasked (every row sees every key: no compares, no selects)
     [full_hi, hi)        masked   (causal diagonal, and the ragged key tail)
 
-and key blocks outside ``[lo, hi)`` are never loaded. Document ids are a data-dependent mask, so when
-given they are applied in every stage.
+and key blocks outside ``[lo, hi)`` are never loaded. Documents and block-sparse layouts narrow
+``[lo, hi)`` through per-row key intervals computed on the host (:mod:`.bounds`; a tile inside one
+document runs unmasked), the sinks of the rows' documents are an extra masked range, block-sparse tiles
+with no visible pair are skipped before their K/V loads, and strided positions (striped shards) are
+supported everywhere (:mod:`.masking`). Every mask feature is a constexpr: the dense kernels keep
+their code.
 
 Ring-ready: with ``MERGE`` the kernel reads a running ``(out fp32, lse)`` pair for its rows and writes
 the merged pair back in place, so a ring step costs no extra elementwise pass.
@@ -29,9 +33,12 @@ import triton
 import triton.language as tl
 
 from seqpar.ops.attention.mask import LocalMask
-from seqpar.ops.attention.triton.common import (_all, _cfg, candidates, check_triton_inputs, doc_ids_arg,
-                                                dot_precision, interpreter_compat, interpreting, key_block_ranges,
-                                                last_dim_contiguous, prune_by, run_kernel, tune_size, visible_mask)
+from seqpar.ops.attention.triton.bounds import check_positions, layout_arg, mask_flags, mask_scalars, row_bounds
+from seqpar.ops.attention.triton.common import (_all, _cfg, candidates, check_triton_inputs, dot_precision,
+                                                interpreter_compat, interpreting, last_dim_contiguous, prune_by,
+                                                run_kernel, tune_size)
+from seqpar.ops.attention.triton.masking import (MASK_KEYS, MASK_SCALARS, any_true, block_layout, key_block_ranges,
+                                                 visible_mask)
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -54,61 +61,85 @@ fwd_candidates = candidates(FWD_CONFIGS, INTERPRET_FWD_CONFIG)
 
 
 @triton.jit
-def _fwd_stage(acc, l_i, m_i, q, q_pos, q_doc, K_head, V_head, KDoc_b, stride_ks, stride_vs,
-               lo, hi, Sk, k_offset, window_left, qk_scale,
+def _fwd_stage(acc, l_i, m_i, n_tiles, q, q_pos, row_ok, r_lo, r_hi, s_lo, s_hi, K_head, V_head, Layout,
+               stride_ks, stride_vs, lo, hi, Sk, k_offset, k_stride, window_left, window_right, bs_size, bs_n, qk_scale,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_POS: tl.constexpr, CAUSAL: tl.constexpr,
-               HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, DOT_PREC: tl.constexpr):
+               HAS_WINDOW: tl.constexpr, HAS_WINDOW_R: tl.constexpr, ROW_BOUNDS: tl.constexpr,
+               HAS_SINKS: tl.constexpr, BLOCK_SPARSE: tl.constexpr, STRIDED: tl.constexpr, COUNT: tl.constexpr,
+               DOT_PREC: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in tl.range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        # int64 block base: start_n * stride can pass 2^31 at long context; in-block offsets stay int32.
-        kT_ptrs = K_head + start_n.to(tl.int64) * stride_ks + offs_n[None, :] * stride_ks + offs_d[:, None]
-        v_ptrs = V_head + start_n.to(tl.int64) * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :]
-        if MASK_POS:
-            kT = tl.load(kT_ptrs, mask=cols[None, :] < Sk, other=0.0)  # [D, BLOCK_N]
+        if STRIDED:
+            k_pos = (k_offset + cols * k_stride)[None, :]
         else:
-            kT = tl.load(kT_ptrs)
-        qk = tl.dot(q, kT, input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_N] fp32
-        if MASK_POS or HAS_DOCS:
-            k_doc = 0
-            if HAS_DOCS:
-                k_doc = tl.load(KDoc_b + cols, mask=cols < Sk, other=-1)[None, :]
-            visible = visible_mask(q_pos[:, None], (k_offset + cols)[None, :], cols[None, :] < Sk, q_doc, k_doc,
-                                   window_left, MASK_POS, CAUSAL, HAS_WINDOW, HAS_DOCS)
-            qk = tl.where(visible, qk * qk_scale, float("-inf"))
-            m_ij = tl.maximum(m_i, tl.max(qk, 1))
-            qk = qk - m_ij[:, None]
-        else:  # fold the scale into one FMA per score
-            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            qk = qk * qk_scale - m_ij[:, None]
-        p = tl.math.exp2(qk)
-        alpha = tl.math.exp2(m_i - m_ij)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if MASK_POS:
-            v = tl.load(v_ptrs, mask=cols[:, None] < Sk, other=0.0)  # [BLOCK_N, D]
-        else:
-            v = tl.load(v_ptrs)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-        m_i = m_ij
-    return acc, l_i, m_i
+            k_pos = (k_offset + cols)[None, :]
+        c = cols[None, :]
+        go = True
+        if BLOCK_SPARSE:  # a tile with no visible pair is skipped before K/V are loaded (positions only)
+            layout = block_layout(Layout, q_pos[:, None], k_pos, row_ok[:, None] & (c < Sk), bs_size, bs_n)
+            if MASK_POS:
+                visible = visible_mask(q_pos[:, None], k_pos, c < Sk, (c >= r_lo[:, None]) & (c < r_hi[:, None]),
+                                       (c >= s_lo[:, None]) & (c < s_hi[:, None]), layout, window_left, window_right,
+                                       CAUSAL, HAS_WINDOW, HAS_WINDOW_R, ROW_BOUNDS, HAS_SINKS, BLOCK_SPARSE)
+                go = any_true(visible)
+            else:
+                go = any_true(layout)
+        if go:
+            if COUNT:
+                n_tiles += 1
+            # int64 block base: start_n * stride can pass 2^31 at long context; in-block offsets stay int32.
+            kT_ptrs = K_head + start_n.to(tl.int64) * stride_ks + offs_n[None, :] * stride_ks + offs_d[:, None]
+            v_ptrs = V_head + start_n.to(tl.int64) * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :]
+            if MASK_POS:
+                kT = tl.load(kT_ptrs, mask=cols[None, :] < Sk, other=0.0)  # [D, BLOCK_N]
+            else:
+                kT = tl.load(kT_ptrs)
+            qk = tl.dot(q, kT, input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_N] fp32
+            if MASK_POS:
+                if not BLOCK_SPARSE:
+                    visible = visible_mask(q_pos[:, None], k_pos, c < Sk, (c >= r_lo[:, None]) & (c < r_hi[:, None]),
+                                           (c >= s_lo[:, None]) & (c < s_hi[:, None]), 0, window_left, window_right,
+                                           CAUSAL, HAS_WINDOW, HAS_WINDOW_R, ROW_BOUNDS, HAS_SINKS, BLOCK_SPARSE)
+                qk = tl.where(visible, qk * qk_scale, float("-inf"))
+                m_ij = tl.maximum(m_i, tl.max(qk, 1))
+                qk = qk - m_ij[:, None]
+            else:  # fold the scale into one FMA per score
+                m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+                qk = qk * qk_scale - m_ij[:, None]
+            p = tl.math.exp2(qk)
+            alpha = tl.math.exp2(m_i - m_ij)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            if MASK_POS:
+                v = tl.load(v_ptrs, mask=cols[:, None] < Sk, other=0.0)  # [BLOCK_N, D]
+            else:
+                v = tl.load(v_ptrs)
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+            m_i = m_ij
+    return acc, l_i, m_i, n_tiles
 
 
 @triton.autotune(configs=_all(FWD_CONFIGS, INTERPRET_FWD_CONFIG),
-                 key=["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_DOCS", "MERGE", "tune_size"],
+                 key=["HEAD_DIM", *MASK_KEYS, "MERGE", "tune_size"],
                  prune_configs_by={"early_config_prune": prune_by(fwd_candidates)},
                  restore_value=["OutAcc", "LseAcc"], cache_results=True)
-@triton.jit(do_not_specialize=["q_offset", "k_offset", "window_left", "tune_size"])
-def _attn_fwd(Q, K, V, Out, Lse, OutAcc, LseAcc, QDoc, KDoc,
+@triton.jit(do_not_specialize=[*MASK_SCALARS, "tune_size"])
+def _attn_fwd(Q, K, V, Out, Lse, OutAcc, LseAcc, Rows, Layout, Count,
               stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
               stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
-              stride_ab, stride_as, stride_ah, stride_qdb, stride_kdb,
-              H, G, Sq, Sk, q_offset, k_offset, window_left, qk_scale, tune_size,
-              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
-              MERGE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Grid ``(cdiv(Sq, BLOCK_M), B * H)``. Q/Out ``[B, Sq, H, D]``, K/V ``[B, Sk, H // G, D]``, Lse ``[B, H, Sq]``."""
+              stride_ab, stride_as, stride_ah,
+              H, G, Sq, Sk, q_offset, k_offset, q_stride, k_stride, window_left, window_right, bs_size, bs_n,
+              qk_scale, tune_size,
+              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_WINDOW_R: tl.constexpr,
+              ROW_BOUNDS: tl.constexpr, HAS_SINKS: tl.constexpr, BLOCK_SPARSE: tl.constexpr, STRIDED: tl.constexpr,
+              MERGE: tl.constexpr, COUNT: tl.constexpr, DOT_PREC: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid ``(cdiv(Sq, BLOCK_M), B * H)``. Q/Out ``[B, Sq, H, D]``, K/V ``[B, Sk, H // G, D]``, Lse ``[B, H, Sq]``;
+    Rows int32 ``[B, 4, Sq]`` (:func:`.bounds.row_bounds`), Layout int8 ``[nb, nb]``, Count int32 ``[B * H, grid_m]``
+    (``COUNT``: key tiles loaded per program, a test hook)."""
     pid_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks see the most keys: start them first so the tail wave is short
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -125,29 +156,48 @@ def _attn_fwd(Q, K, V, Out, Lse, OutAcc, LseAcc, QDoc, KDoc,
     q_ptrs = Q + b * stride_qb + h * stride_qh + start_m.to(tl.int64) * stride_qs \
         + offs_m[:, None] * stride_qs + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D], stays in registers
-    q_pos = q_offset + rows
-    q_doc = 0
-    if HAS_DOCS:
-        q_doc = tl.load(QDoc + b * stride_qdb + rows, mask=row_ok, other=-2)[:, None]
+    if STRIDED:
+        q_pos = q_offset + rows * q_stride
+    else:
+        q_pos = q_offset + rows
+    r_lo = 0
+    r_hi = 0
+    s_lo = 0
+    s_hi = 0
+    if ROW_BOUNDS or HAS_SINKS:  # [B, 4, Sq]: key interval, sink interval of each row
+        R_b = Rows + b * 4 * Sq + rows
+        r_lo = tl.load(R_b, mask=row_ok, other=Sk)
+        r_hi = tl.load(R_b + Sq, mask=row_ok, other=0)
+        s_lo = tl.load(R_b + 2 * Sq, mask=row_ok, other=Sk)
+        s_hi = tl.load(R_b + 3 * Sq, mask=row_ok, other=0)
     K_head = K + b * stride_kb + kvh * stride_kh
     V_head = V + b * stride_vb + kvh * stride_vh
-    KDoc_b = KDoc + b * stride_kdb
 
     m_i = tl.full([BLOCK_M], _M_INIT, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    lo, full_lo, full_hi, hi = key_block_ranges(start_m, Sq, Sk, q_offset, k_offset, window_left,
-                                                BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
-    if HAS_WINDOW:
-        acc, l_i, m_i = _fwd_stage(acc, l_i, m_i, q, q_pos, q_doc, K_head, V_head, KDoc_b, stride_ks, stride_vs,
-                                   lo, full_lo, Sk, k_offset, window_left, qk_scale,
-                                   BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_DOCS, DOT_PREC)
-    acc, l_i, m_i = _fwd_stage(acc, l_i, m_i, q, q_pos, q_doc, K_head, V_head, KDoc_b, stride_ks, stride_vs,
-                               full_lo, full_hi, Sk, k_offset, window_left, qk_scale,
-                               BLOCK_N, HEAD_DIM, False, CAUSAL, HAS_WINDOW, HAS_DOCS, DOT_PREC)
-    acc, l_i, m_i = _fwd_stage(acc, l_i, m_i, q, q_pos, q_doc, K_head, V_head, KDoc_b, stride_ks, stride_vs,
-                               full_hi, hi, Sk, k_offset, window_left, qk_scale,
-                               BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_DOCS, DOT_PREC)
+    n_tiles = pid_m * 0  # COUNT: a scalar counter (folded away otherwise)
+    lo, full_lo, full_hi, hi, sink_lo, sink_hi = key_block_ranges(
+        start_m, Sq, Sk, q_offset, k_offset, q_stride, k_stride, window_left, window_right, row_ok, r_lo, r_hi,
+        s_lo, s_hi, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_WINDOW_R, STRIDED, ROW_BOUNDS, HAS_SINKS, BLOCK_SPARSE)
+    scal = (Sk, k_offset, k_stride, window_left, window_right, bs_size, bs_n, qk_scale)
+    common = (q, q_pos, row_ok, r_lo, r_hi, s_lo, s_hi, K_head, V_head, Layout, stride_ks, stride_vs)
+    if HAS_SINKS:  # the sink keys of the rows' documents, when apart from the window range
+        acc, l_i, m_i, n_tiles = _fwd_stage(acc, l_i, m_i, n_tiles, *common, sink_lo, sink_hi, *scal,
+                                            BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_WINDOW_R,
+                                            ROW_BOUNDS, HAS_SINKS, BLOCK_SPARSE, STRIDED, COUNT, DOT_PREC)
+    if HAS_WINDOW or HAS_WINDOW_R or ROW_BOUNDS or HAS_SINKS or BLOCK_SPARSE or STRIDED:  # left masked edge
+        acc, l_i, m_i, n_tiles = _fwd_stage(acc, l_i, m_i, n_tiles, *common, lo, full_lo, *scal,
+                                            BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_WINDOW_R,
+                                            ROW_BOUNDS, HAS_SINKS, BLOCK_SPARSE, STRIDED, COUNT, DOT_PREC)
+    acc, l_i, m_i, n_tiles = _fwd_stage(acc, l_i, m_i, n_tiles, *common, full_lo, full_hi, *scal,
+                                        BLOCK_N, HEAD_DIM, False, CAUSAL, HAS_WINDOW, HAS_WINDOW_R,
+                                        ROW_BOUNDS, HAS_SINKS, BLOCK_SPARSE, STRIDED, COUNT, DOT_PREC)
+    acc, l_i, m_i, n_tiles = _fwd_stage(acc, l_i, m_i, n_tiles, *common, full_hi, hi, *scal,
+                                        BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_WINDOW_R,
+                                            ROW_BOUNDS, HAS_SINKS, BLOCK_SPARSE, STRIDED, COUNT, DOT_PREC)
+    if COUNT:
+        tl.store(Count + pid_bh * tl.num_programs(0) + pid_m, n_tiles)
 
     # Rows that saw no key have l = 0: out 0 and lse -inf (never 0/0).
     l_ok = l_i > 0.0
@@ -182,14 +232,17 @@ def _attn_fwd(Q, K, V, Out, Lse, OutAcc, LseAcc, QDoc, KDoc,
 # ----------------------------------------------------------------------------------------------------
 
 def attention_fwd_launch(q, k, v, mask: LocalMask, *, softmax_scale: Optional[float], out_acc=None, lse_acc=None,
-                         autotune: bool = True):
+                         autotune: bool = True, tile_counts: Optional[torch.Tensor] = None):
     """Run the forward kernel. Shapes as in :func:`seqpar.ops.attention.triton.function.forward`.
 
     Without ``out_acc``: returns fresh ``(out [B, Sq, H, D] in q.dtype, lse [B, H, Sq] fp32)``.
     With ``out_acc`` (fp32 ``[B, Sq, H, D]``) and ``lse_acc`` (fp32 contiguous ``[B, H, Sq]``): merges this
     call's result into them in place and returns them. ``autotune=False`` runs the first listed tile.
+    ``tile_counts`` (a test hook: int32 ``[B * H, cdiv(Sq, BLOCK_M)]``): filled with the number of key
+    tiles each program loaded (the proof that masked tiles are skipped).
     """
     check_triton_inputs(q, k, v, mask)
+    check_positions(mask, q.shape[1], k.shape[1])
     if interpreting():
         interpreter_compat()
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
@@ -216,17 +269,20 @@ def attention_fwd_launch(q, k, v, mask: LocalMask, *, softmax_scale: Optional[fl
     # autotuner's restore_value copies free.
     dummy = torch.zeros(1, dtype=torch.float32, device=q.device)
     acc_o, acc_l = (out, lse) if merge else (dummy, dummy)
-    q_doc_ids, k_doc_ids, window_left = mask.q_doc_ids, mask.k_doc_ids, mask.window_left
-    qd, kd = doc_ids_arg(q_doc_ids, q), doc_ids_arg(k_doc_ids, q)
+    flags = mask_flags(mask)
+    rows = row_bounds(mask, b, sq, sk, q.device)
+    rows = rows if rows is not None else torch.zeros(1, dtype=torch.int32, device=q.device)
+    layout, bs_size, bs_n = layout_arg(mask, q.device)
+    count = tile_counts is not None
+    if count and (tile_counts.dtype != torch.int32 or not tile_counts.is_contiguous()):
+        raise ValueError("tile_counts must be a contiguous int32 tensor [B * H, number of query tiles].")
     grid = lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * h)
-    args = (q, k, v, out, lse, acc_o, acc_l, qd, kd,
+    args = (q, k, v, out, lse, acc_o, acc_l, rows, layout, tile_counts if count else rows,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             acc_o.stride(0) if merge else 0, acc_o.stride(1) if merge else 0, acc_o.stride(2) if merge else 0,
-            qd.stride(0) if q_doc_ids is not None else 0, kd.stride(0) if k_doc_ids is not None else 0,
-            h, h // hkv, sq, sk, int(mask.q_offset), int(mask.k_offset), int(window_left or 0),
+            h, h // hkv, sq, sk, *mask_scalars(mask), bs_size, bs_n,
             scale * 1.4426950408889634, tune_size(b, h, sq, sk, d))
-    flags = dict(HEAD_DIM=d, CAUSAL=bool(mask.causal), HAS_WINDOW=window_left is not None,
-                 HAS_DOCS=q_doc_ids is not None, MERGE=merge, DOT_PREC=dot_precision(q.dtype))
+    flags = dict(HEAD_DIM=d, **flags, MERGE=merge, COUNT=count, DOT_PREC=dot_precision(q.dtype))
     run_kernel(_attn_fwd, grid, fwd_candidates, autotune, args, flags)
     return out, lse

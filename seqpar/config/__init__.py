@@ -1,0 +1,89 @@
+"""Typed configuration for seqpar: immutable values, validated once, derived values as properties.
+
+Library code takes these frozen dataclasses. The command-line edge (``seqpar/cli.py``) composes the
+YAML groups under ``conf/`` (mirroring these classes) with ``key=value`` overrides and builds them, so
+every ``__post_init__`` check below runs on the final values. Nothing here writes to a field: a field
+holds what the user wrote (``n_kv_heads=None`` stays ``None``) and a property gives the effective value
+(``ModelConfig.kv_heads``, ``ModelConfig.ffn_dim``, ``Config.tokenizer_dir``), so a config printed or
+saved is the one the user gave, and no later stage can see half-derived state. Values that need files
+(an HF checkpoint's shape, the tokenizer's vocabulary) are filled in once, before training, by
+``seqpar.train.resolve.resolve_config``, which returns a new Config.
+
+Choice lists come from the modules that implement the choices (one source of truth), and every check
+raises :class:`~seqpar.errors.ConfigError` with one sentence that names the field and the fix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from seqpar.config.checks import check
+from seqpar.config.data import DataConfig
+from seqpar.config.model import LoRAConfig, ModelConfig
+from seqpar.config.parallel import DIST_BACKENDS, ParallelConfig
+from seqpar.config.train import CheckpointConfig, LoggingConfig, OptimConfig, TrainConfig
+from seqpar.errors import ConfigError
+from seqpar.parallel.layout import required_multiple
+
+# ConfigError is re-exported: tests and users import it from here.
+__all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "DIST_BACKENDS", "LoRAConfig", "LoggingConfig",
+           "ModelConfig", "OptimConfig", "ParallelConfig", "TrainConfig"]
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run: one frozen value per group, checked across groups here."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    def __post_init__(self) -> None:
+        check(
+            self.data.tokenizer != "hf" or bool(self.tokenizer_dir),
+            "data.tokenizer=hf needs data.tokenizer_path or model.init_from "
+            "(a Hugging Face checkpoint directory with tokenizer.json).",
+        )
+        check(
+            self.data.pose_target_len == 0 or self.data.pose_target_len >= self.train.seq_len,
+            f"data.pose_target_len={self.data.pose_target_len} must be >= train.seq_len={self.train.seq_len} "
+            "(PoSE simulates a LONGER target context inside the training window), or 0 to turn PoSE off.",
+        )
+        check(
+            self.parallel.layout != "docs" or self.data.doc_mask,
+            "parallel.layout=docs balances packed documents under the document mask; set data.doc_mask=true "
+            "or pick another parallel.layout (zigzag balances a plain causal mask).",
+        )
+        check(
+            not self.lora.s2_attn or self.parallel.cp == 1,
+            "lora.s2_attn=true needs parallel.cp=1: ring attention has no group (document-id) masks yet; "
+            "use full attention under ring (lora.s2_attn=false), which LongLoRA's LoRA+ also trains with.",
+        )
+        if self.lora.s2_attn:
+            group = int(self.lora.s2_group_ratio * self.train.seq_len)
+            check(
+                group >= 2 and group % 2 == 0,
+                f"lora.s2_group_ratio={self.lora.s2_group_ratio} x train.seq_len={self.train.seq_len} gives "
+                f"S2-Attn groups of {group} tokens; it must be an even number >= 2 (the shift is half a group).",
+            )
+        cp, layout = self.parallel.cp, self.parallel.layout
+        need = required_multiple(cp, layout)  # the layout module's rule, so config and sharding agree
+        check(
+            self.train.seq_len % need == 0,
+            f"train.seq_len={self.train.seq_len} is not divisible by {need} "
+            f"(parallel.layout={layout} with cp={cp} needs a multiple of {need}); "
+            f"use seq_len={need * max(1, round(self.train.seq_len / need))}.",
+        )
+
+    @property
+    def tokenizer_dir(self) -> Optional[str]:
+        """For ``data.tokenizer=hf``: the directory whose tokenizer.json is read, ``data.tokenizer_path``
+        or else the checkpoint being extended (``model.init_from``); None for the other tokenizers."""
+        if self.data.tokenizer != "hf":
+            return None
+        return self.data.tokenizer_path or self.model.init_from
