@@ -306,7 +306,9 @@ def main():
     for gpu, dims in zip(args.gpus, shards):
         if not dims:
             continue
-        part = os.path.join(args.out, f".part{gpu}.json")
+        part = os.path.join(args.out, f".part{gpu}-{os.getpid()}.json")  # this run's shard only
+        if os.path.exists(part):
+            os.remove(part)  # never read a stale shard of an earlier run that died before cleaning up
         argv = [sys.executable, os.path.abspath(__file__), "--part", part, "--dims", ",".join(map(str, dims)),
                 "--seqs", ",".join(map(str, args.seqs)), "--tokens", str(args.tokens), "--heads", str(args.heads),
                 "--impls", ",".join(args.impls), "--modes", ",".join(args.modes),
@@ -314,7 +316,8 @@ def main():
         procs.append((part, subprocess.Popen(argv, env=dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu)))))
     records, configs = [], {}
     for part, proc in procs:
-        proc.wait()
+        if proc.wait() != 0:
+            print(f"shard {part} failed (exit {proc.returncode}); its records are missing", file=sys.stderr)
         if os.path.exists(part):
             with open(part) as f:
                 data = json.load(f)

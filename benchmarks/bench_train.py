@@ -8,7 +8,8 @@
 
 Each run is ``torchrun --standalone --nproc_per_node=<w> train.py <overrides>`` (the real entry point,
 FSDP2 over all ranks + ring attention over ``cp = w`` ranks, batch 1); rank 0's ``metrics.jsonl``
-gives per-step throughput, averaged over the steps after ``--warmup``.
+gives per-step throughput, averaged over the steps after ``--warmup``. Every run trains in a fresh
+directory under ``--workdir`` and reads only the records it logged (:func:`fresh_run_dir`, :func:`own_records`).
 
 - weak scaling: fixed tokens per GPU (``--tokens-per-gpu``); one sequence of ``w * tokens_per_gpu``
   tokens sharded over the ring of ``w`` GPUs. Attention FLOPs per token grow with the sequence, so
@@ -92,12 +93,64 @@ def choose_memory(cfg, dp: int, cp: int, gpu_gib: float):
     return "full", chunk, est
 
 
+def fresh_run_dir(workdir: str, name: str) -> str:
+    """A new, empty ``<workdir>/<name>-<UTC time>-<pid>[-k]`` for one benchmark run: never an old run's
+    directory, whose ``metrics.jsonl`` (appended to, or resumed from, by the trainer) would mix its steps
+    into this run's averages (issue 17: a 128k run after a 64k one reported the pair's mean)."""
+    base = os.path.join(workdir, f"{name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}")
+    for k in range(1000):
+        path = base if k == 0 else f"{base}-{k}"
+        try:
+            os.makedirs(path)  # exist_ok=False: an existing directory is skipped, never reused
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no fresh run directory under {workdir} for {name}")
+
+
+def own_records(path: str, since: float, steps: int) -> list:
+    """The step records of ``metrics.jsonl`` written by THIS run: logged at or after ``since`` (the time the
+    run was started; the logger stamps every record) with a step in 1..``steps``, each step once. Records
+    of another run in the same file are left out; a step logged twice after ``since`` (two runs writing
+    at once) raises ValueError instead of being averaged in silently."""
+    recs = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by a kill
+                if "tokens_per_s" in r and r.get("time", 0) >= since and 1 <= r.get("step", 0) <= steps:
+                    recs.append(r)
+    seen = [r["step"] for r in recs]
+    if len(seen) != len(set(seen)):
+        raise ValueError(f"{path}: steps logged more than once since this run started ({sorted(seen)}); "
+                         "another run writes to the same directory")
+    return recs
+
+
+def summarize(steps_log: list, warmup: int, tokens_per_step: int) -> dict:
+    """Averages over the steps after ``warmup`` (throughput, TFLOP/s, MFU, step time) and the peak memory."""
+    timed = [s for s in steps_log if s["step"] > warmup]
+    rec = {"losses": [round(s["loss"], 4) for s in steps_log], "steps": [s["step"] for s in steps_log]}
+    if timed:
+        rec.update(
+            steps_timed=len(timed),
+            tokens_per_s_per_gpu=round(statistics.mean(s["tokens_per_s_per_device"] for s in timed), 1),
+            tflops_per_gpu=round(statistics.mean(s["tflops_per_device"] for s in timed), 1),
+            mfu=round(statistics.mean(s["mfu"] for s in timed), 4) if timed[0]["mfu"] is not None else None,
+            step_time_s=round(statistics.mean(tokens_per_step / s["tokens_per_s"] for s in timed), 3),
+            peak_mem_gib=round(max(s["peak_mem_gib"] for s in steps_log), 2))
+    return rec
+
+
 def _run(name: str, overrides: list, steps: int, warmup: int, nproc: int, workdir: str, out_dir: str,
          timeout_s: float, ac: str = "", gpu_gib: float = 0.0) -> dict:
     from seqpar.cli import load_config
     from seqpar.train.dry_run import estimate_memory
 
-    run_dir = os.path.join(workdir, name)
+    run_dir = fresh_run_dir(workdir, name)
     args = [*overrides, *COMMON, f"train.steps={steps}", f"logging.run_dir={run_dir}"]
     cfg = load_config(args)
     dp, cp = cfg.parallel.resolve(nproc)
@@ -110,7 +163,7 @@ def _run(name: str, overrides: list, steps: int, warmup: int, nproc: int, workdi
         cfg = load_config(args)
     est = estimate_memory(cfg, dp, cp, bf16=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py", *args]
-    t0 = time.time()
+    t0 = time.time()  # own_records keeps only what is logged from now on
     log_path = os.path.join(out_dir, f"{name}.log")
     with open(log_path, "w") as log:
         try:
@@ -125,19 +178,12 @@ def _run(name: str, overrides: list, steps: int, warmup: int, nproc: int, workdi
            "fsdp": cfg.parallel.fsdp, "returncode": rc,
            "status": "ok" if rc == 0 else "OOM" if oom else str(rc), "wall_s": round(time.time() - t0, 1),
            "est_mem_gib": round(est["total"] / 2**30, 2)}
-    path = os.path.join(run_dir, "metrics.jsonl")
-    steps_log = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-    steps_log = [s for s in steps_log if "tokens_per_s" in s]
-    timed = [s for s in steps_log if s["step"] > warmup]
-    rec["losses"] = [round(s["loss"], 4) for s in steps_log]
-    if timed:
-        rec.update(
-            steps_timed=len(timed),
-            tokens_per_s_per_gpu=round(statistics.mean(s["tokens_per_s_per_device"] for s in timed), 1),
-            tflops_per_gpu=round(statistics.mean(s["tflops_per_device"] for s in timed), 1),
-            mfu=round(statistics.mean(s["mfu"] for s in timed), 4) if timed[0]["mfu"] is not None else None,
-            step_time_s=round(statistics.mean(rec["tokens_per_step"] / s["tokens_per_s"] for s in timed), 3),
-            peak_mem_gib=round(max(s["peak_mem_gib"] for s in steps_log), 2))
+    rec["run_dir"] = run_dir
+    try:
+        rec.update(summarize(own_records(os.path.join(run_dir, "metrics.jsonl"), t0, steps), warmup,
+                             rec["tokens_per_step"]))
+    except ValueError as e:  # records of two runs: the row fails loudly, the benchmark goes on
+        rec.update(status="mixed records", error=str(e))
     return rec
 
 
@@ -186,7 +232,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the averages")
     ap.add_argument("--nproc", type=int, default=0, help="processes per named run (0: every visible GPU)")
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds per run")
-    ap.add_argument("--workdir", default="/tmp/seqpar_bench")
+    ap.add_argument("--workdir", default="/tmp/seqpar_bench", help="run directories, one new per run")
     ap.add_argument("--tag", default="", help="file tag, e.g. h200x2 (default: device and GPU count)")
     args = ap.parse_args()
     info = report.environment()

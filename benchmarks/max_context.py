@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import re
@@ -43,6 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import report  # noqa: E402
+from bench_train import fresh_run_dir, own_records  # noqa: E402  (one run dir per probe, its own records)
 
 GIB = 2**30
 COMMON = ["checkpoint.every=0", "checkpoint.resume=false", "train.eval_every=0", "logging.log_every=1",
@@ -143,7 +143,7 @@ def torchrun_probe(name: str, model: str, nproc: int, timeout_s: float, steps: i
 
     def probe(n: int) -> dict:
         tag = f"{name}_{n}"
-        run_dir = os.path.join(workdir, tag)
+        run_dir = fresh_run_dir(workdir, tag)  # never a previous probe's directory (its metrics would count)
         # Enough corpus for a few rows per data-parallel rank at this length (the byte tokenizer: 1 token per byte).
         max_bytes = max(8_000_000, 6 * n * nproc)
         args = [f"model={model}", *COMMON, *config_overrides(name, nproc, n, **chunks), *extra,
@@ -161,10 +161,7 @@ def torchrun_probe(name: str, model: str, nproc: int, timeout_s: float, steps: i
                 proc.wait()
                 rc = None
         text = open(log_path, errors="replace").read()
-        recs = []
-        path = os.path.join(run_dir, "metrics.jsonl")
-        if os.path.exists(path):
-            recs = [json.loads(line) for line in open(path) if '"peak_mem_gib"' in line]
+        recs = own_records(os.path.join(run_dir, "metrics.jsonl"), t0, steps)  # this probe's steps only
         status = ("ok" if rc == 0 and recs else "timeout" if rc is None
                   else "oom" if OOM_PATTERNS.search(text) else "error")
         out = {"ok": status == "ok", "status": status, "wall_s": round(time.time() - t0, 1),

@@ -19,7 +19,7 @@ from typing import Optional
 
 from seqpar.config.checks import check
 from seqpar.config.data import DataConfig
-from seqpar.config.model import LoRAConfig, ModelConfig
+from seqpar.config.model import LoRAConfig, ModelConfig, check_architecture
 from seqpar.config.parallel import DIST_BACKENDS, ParallelConfig
 from seqpar.config.train import CheckpointConfig, LoggingConfig, OptimConfig, TrainConfig
 from seqpar.errors import ConfigError
@@ -44,6 +44,7 @@ class Config:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
+        check_architecture(self)  # the model options against seq_len, cp, doc_mask, lora (seqpar.models.build)
         check(
             self.data.tokenizer != "hf" or bool(self.tokenizer_dir),
             "data.tokenizer=hf needs data.tokenizer_path or model.init_from "

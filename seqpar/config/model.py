@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from seqpar.config.checks import check, check_choice, check_positive
+from seqpar.models.options import ARCHS, ATTENTIONS, MASK_ATTENTIONS
 from seqpar.ops.rope import validate_scaling
 
 @dataclass(frozen=True)
@@ -38,8 +39,33 @@ class ModelConfig:
     # Sliding window (Mistral): keys at most `window` back (None: all); `sinks`: first tokens of each document
     window: Optional[int] = None  # stay visible through it (StreamingLLM)
     sinks: int = 0
+    # Architecture options (seqpar.models.build; each paper's defaults, see docs/architecture.md). `causal=false`
+    # (bidirectional) is for build_model users; the trainer trains a causal LM and refuses it.
+    # dense | longformer (window + sinks as global tokens) | bigbird | blocksparse | performer | linformer | reformer
+    attention: str = "dense"
+    arch: str = "llama"  # llama | infini
+    causal: bool = True
+    sparse_block: int = 64  # BigBird block b (Zaheer et al. 2020, App. D)
+    bigbird_window_blocks: int = 3  # w: blocks i-1, i, i+1 (causal: i-1, i)
+    bigbird_global_blocks: int = 2  # g
+    bigbird_random_blocks: int = 3  # r
+    sparse_seed: int = 0  # BigBird's random blocks: one deterministic layout per seed
+    sparse_stride: int = 128  # Sparse Transformer "fixed" pattern l (Child et al. 2019, Sec. 4.2)
+    sparse_summary: int = 32  # c: last c positions of each l-block seen by all later tokens (block size of the layout)
+    performer_features: int = 256  # m random features (Choromanski et al. 2021)
+    performer_chunk: int = 64  # chunk of the causal prefix sums
+    linformer_k: int = 256  # projected length k (Wang et al. 2020)
+    linformer_max_len: int = 4096  # n: length of the E, F projections (shorter sequences use their first columns)
+    reformer_buckets: int = 64  # LSH buckets (even), Kitaev et al. 2020
+    reformer_rounds: int = 4  # hash rounds
+    reformer_chunk: int = 64  # m: sorted chunk length (leak-free: sorted-order window)
+    reformer_leak_free: bool = True  # false: the paper's sorted chunks (later tokens can change earlier outputs)
+    reformer_reversible: bool = True  # reversible residual layers (Sec. 3); needs parallel.fsdp=none
+    infini_segment: int = 2048  # N: segment length (Munkhdalai et al. 2024)
+    infini_update: str = "delta"  # linear | delta
 
     def __post_init__(self) -> None:
+        self._check_architecture()
         check(self.window is None or (isinstance(self.window, int) and self.window >= 0),
                f"model.window={self.window!r} must be an int >= 0 (keys at most that far back) or null (no window).")
         check(isinstance(self.sinks, int) and self.sinks >= 0 and (self.sinks == 0 or self.window is not None),
@@ -71,6 +97,44 @@ class ModelConfig:
         if self.max_position_embeddings is not None:
             check_positive("model.max_position_embeddings", self.max_position_embeddings)
 
+    def _check_architecture(self) -> None:
+        check_choice("model.attention", self.attention, ATTENTIONS)
+        check_choice("model.arch", self.arch, ARCHS)
+        check_choice("model.infini_update", self.infini_update, ("linear", "delta"))
+        check(isinstance(self.causal, bool), f"model.causal={self.causal!r} must be true or false.")
+        for name in ("sparse_block", "bigbird_window_blocks", "sparse_stride", "sparse_summary", "performer_features",
+                     "performer_chunk", "reformer_rounds", "reformer_chunk", "linformer_k", "linformer_max_len",
+                     "infini_segment"):
+            check_positive(f"model.{name}", getattr(self, name))
+        for name in ("bigbird_global_blocks", "bigbird_random_blocks"):
+            check(getattr(self, name) >= 0, f"model.{name}={getattr(self, name)} must be >= 0.")
+        a = self.attention
+        check(self.reformer_buckets >= 2 and self.reformer_buckets % 2 == 0,
+              f"model.reformer_buckets={self.reformer_buckets} must be an even number >= 2 (argmax over [xR; -xR]).")
+        check(a != "reformer" or self.causal, "model.attention=reformer is built causal only; set model.causal=true.")
+        check(self.window is None or a in ("dense", "longformer"),
+              f"model.window={self.window} only goes with model.attention=dense or longformer (it would cut "
+              f"{a}'s pattern); unset model.window.")
+        check(a != "longformer" or self.window is not None,
+              "model.attention=longformer needs model.window (the sliding window w) and takes its global tokens "
+              "from model.sinks; set model.window=512 (say).")
+        check(a != "longformer" or self.causal or self.sinks == 0,
+              "model.attention=longformer with model.causal=false cannot express global tokens as a Mask (a global "
+              "token must see keys beyond its window on the right); set model.sinks=0 or model.causal=true.")
+        check(a != "blocksparse" or self.sparse_stride % self.sparse_summary == 0,
+              f"model.sparse_stride={self.sparse_stride} must be a multiple of model.sparse_summary="
+              f"{self.sparse_summary} (the fixed pattern is laid out in blocks of c tokens).")
+        check(a != "linformer" or not self.causal,
+              "model.attention=linformer is not causal (each projected key mixes the whole sequence, so a token "
+              "would see the future): use it with model.causal=false through build_model, not for causal LM "
+              "training; pick performer or a sparse pattern for that.")
+        check(self.causal or self.arch == "llama",
+              f"model.causal=false is not available for model.arch={self.arch} (its memory is causal by "
+              "construction); set model.causal=true.")
+        check(self.arch != "infini" or a == "dense",
+              f"model.arch=infini uses dense local attention inside each segment; model.attention={a} "
+              "cannot be combined with it: set model.attention=dense.")
+
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
@@ -90,6 +154,35 @@ class ModelConfig:
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+def check_architecture(cfg: Any) -> None:
+    """Cross-section checks of the architecture options against the root config (train.seq_len,
+    parallel.cp, data.doc_mask, lora, model.init_from); one ConfigError naming the field and the fix."""
+    m, seq, cp = cfg.model, cfg.train.seq_len, cfg.parallel.cp
+    a = m.arch if m.arch != "llama" else m.attention
+    check(m.causal, "model.causal=false: the trainer trains a causal LM on next-token labels, which a "
+          "bidirectional model would read off its input; set model.causal=true.")
+    if a not in MASK_ATTENTIONS:
+        check(cp == 1, f"model.{'arch' if m.arch != 'llama' else 'attention'}={a} needs parallel.cp=1: its state is "
+              "not carried from rank to rank yet; use parallel.cp=1 (data parallelism still works).")
+        check(not cfg.data.doc_mask, f"{a} has no document mask (its state would cross documents); set "
+              "data.doc_mask=false (documents then attend across boundaries, as in the paper's LM training).")
+        check(m.init_from is None, f"model.init_from with {a}: the Hugging Face import knows Llama weights only; "
+              "unset model.init_from or use a mask option (dense, longformer, bigbird, blocksparse).")
+    check(a == "dense" or not cfg.lora.s2_attn, f"lora.s2_attn=true replaces the attention; it cannot be combined "
+          f"with model.{'arch' if m.arch != 'llama' else 'attention'}={a}: set lora.s2_attn=false.")
+    check(a != "reformer" or not m.reformer_reversible or cfg.parallel.fsdp == "none",
+          "model.reformer_reversible=true accumulates gradients inside its own backward, which FSDP2 does not "
+          "see: set parallel.fsdp=none (data parallelism then all-reduces), or model.reformer_reversible=false.")
+    check(a != "reformer" or seq % m.reformer_chunk == 0,
+          f"model.reformer_chunk={m.reformer_chunk} must divide train.seq_len={seq}; pick a divisor.")
+    check(m.arch != "infini" or seq % m.infini_segment == 0,
+          f"model.infini_segment={m.infini_segment} must divide train.seq_len={seq} (the memory is updated once "
+          "per whole segment); pick a divisor.")
+    block = {"bigbird": m.sparse_block, "blocksparse": m.sparse_summary}.get(a)
+    check(block is None or seq % block == 0, f"train.seq_len={seq} must be a multiple of the {a} block size "
+          f"{block} (model.{'sparse_block' if a == 'bigbird' else 'sparse_summary'}); pick a multiple.")
+
 
 @dataclass(frozen=True)
 class LoRAConfig:

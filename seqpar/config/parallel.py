@@ -5,7 +5,9 @@ from dataclasses import dataclass
 
 from seqpar.config.checks import check, check_choice, check_positive
 from seqpar.ops.attention.registry import BACKEND_NAMES
+from seqpar.parallel.attention_fn import CP_COMM_CHOICES
 from seqpar.parallel.fsdp import FSDP_MODES
+from seqpar.parallel.hybrid import HYBRID_LAYOUTS
 from seqpar.parallel.layout import LAYOUTS
 
 DIST_BACKENDS = ("auto", "nccl", "gloo")
@@ -24,6 +26,11 @@ class ParallelConfig:
     # over cp); none replicates everything (gradients all-reduced, DDP-like).
     fsdp: str = "dp_cp"
     timeout_s: float = 600.0  # seconds a collective waits for a frozen rank before the run fails (exit 1)
+    # How the cp ranks exchange attention inputs (seqpar.parallel.attention_fn): ring | allgather (K/V) |
+    # ulysses (head all-to-all over cp) | hybrid (ulysses over `ulysses` consecutive ranks, ring across) |
+    # auto (the cost model's fastest usable mode).
+    cp_comm: str = "ring"
+    ulysses: int = 1  # hybrid's Ulysses degree U (divides cp); also offered to auto when > 1
 
     def __post_init__(self) -> None:
         check_choice("parallel.fsdp", self.fsdp, FSDP_MODES)
@@ -33,6 +40,25 @@ class ParallelConfig:
         check_choice("parallel.layout", self.layout, LAYOUTS)
         check_choice("parallel.attention_backend", self.attention_backend, BACKEND_NAMES)
         check_choice("parallel.dist_backend", self.dist_backend, DIST_BACKENDS)
+        self._check_cp_comm()
+
+    def _check_cp_comm(self) -> None:
+        check_choice("parallel.cp_comm", self.cp_comm, CP_COMM_CHOICES)
+        check_positive("parallel.ulysses", self.ulysses)
+        u, cp, mode = self.ulysses, self.cp, self.cp_comm
+        check(cp % u == 0, f"parallel.ulysses={u} does not divide parallel.cp={cp}; choose a divisor of {cp} "
+                           "(Ulysses groups of U consecutive cp ranks) or parallel.cp_comm=ring with ulysses=1.")
+        if mode == "hybrid":
+            check(1 < u < cp, f"parallel.cp_comm=hybrid needs 1 < parallel.ulysses < parallel.cp={cp} (got ulysses={u}); "
+                              "use parallel.cp_comm=ring (U=1) or parallel.cp_comm=ulysses (U=cp).")
+            check(self.layout in HYBRID_LAYOUTS, f"parallel.cp_comm=hybrid needs parallel.layout in "
+                  f"{list(HYBRID_LAYOUTS)} (got {self.layout}); or use parallel.cp_comm=ulysses or allgather.")
+        elif mode == "ulysses":
+            check(u in (1, cp), f"parallel.cp_comm=ulysses runs over the whole cp group (parallel.ulysses=1 or "
+                                f"{cp}; got {u}); use parallel.cp_comm=hybrid for Ulysses inside groups of {u}.")
+        elif mode in ("ring", "allgather"):
+            check(u == 1, f"parallel.ulysses={u} is read only by parallel.cp_comm=hybrid or auto; set "
+                          f"parallel.cp_comm=hybrid, or parallel.ulysses=1 with cp_comm={mode}.")
 
     def resolve(self, world_size: int) -> tuple[int, int]:
         """Return ``(dp, cp)`` for ``world_size`` processes, or raise naming the fix."""

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from seqpar.config import Config, ConfigError
+from seqpar.models.build import build_model
 from seqpar.models.llama import Llama
 
 
@@ -115,7 +116,7 @@ def load_model(checkpoint: str, overrides: Sequence[str] = (), device: str = "cp
     step_dir = _latest_step_dir(checkpoint)
     shapes = _model_shapes(step_dir)
     model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or shapes["tok_embeddings.weight"][0])
-    model = Llama(model_cfg)
+    model = build_model(model_cfg)  # every model.attention / model.arch option, not only dense Llama
     if any(k.endswith("lora_A") for k in shapes):
         lora = cfg.lora
         if lora.rank == 0:  # adapters in the checkpoint but no config: the rank is in the shapes

@@ -10,12 +10,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from seqpar.models.build import build_model
     from seqpar.models.llama import Attention, FeedForward, Llama, RMSNorm, TransformerBlock, default_attention
 
-__all__ = ["Attention", "FeedForward", "Llama", "RMSNorm", "TransformerBlock", "default_attention"]
+__all__ = ["Attention", "FeedForward", "Llama", "RMSNorm", "TransformerBlock", "build_model", "default_attention"]
 
 
 def __getattr__(name: str):
+    if name == "build_model":  # every architecture option (model.attention, model.arch) behind one call
+        from seqpar.models.build import build_model
+
+        return build_model
     if name in __all__:
         from seqpar.models import llama
 

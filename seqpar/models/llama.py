@@ -246,6 +246,12 @@ class Llama(nn.Module):
             self._inv_freq[device] = self._inv_freq[torch.device("cpu")].to(device)
         return self._inv_freq[device]
 
+    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)``, each ``[*positions.shape, D/2]`` float32, for integer ``positions`` of any shape
+        (the model's RoPE scaling and attention scale included). Cached decoding (:mod:`seqpar.inference`)
+        rotates keys at positions its cache policy assigns, possibly one per kv head."""
+        return rope_cos_sin(positions, self._rope_inv_freq(positions.device), self.rope_attention_scale)
+
     def attention_mask(self, doc_ids: Optional[torch.Tensor]) -> Optional[Mask]:
         """The forward's :class:`~seqpar.ops.Mask` (causal, ``model.window``/``model.sinks``, documents
         from the GLOBAL ``doc_ids [B, S_global]``), or None for the plain causal mask."""

@@ -62,6 +62,29 @@ def mesh_groups(dp: int, cp: int) -> dict:
     return {"cp": grid.tolist(), "dp": grid.t().tolist()}
 
 
+def cp_subgroups(dp: int, cp: int, ulysses: int) -> dict:
+    """The 2-D cp group of ``parallel.cp_comm=hybrid``: rank lists of the Ulysses groups (``ulysses``
+    consecutive ranks of a ring: one node) and of the rings across them (one member per Ulysses group).
+
+    cp rank ``c = i * U + j`` is member ``j`` of Ulysses group ``i`` and member ``i`` of ring ``j``.
+    Returns ``{"ulysses": [...] (dp * cp/U lists of U), "ring": [...] (dp * U lists of cp/U)}``.
+    """
+    grid = torch.arange(dp * cp).view(dp, cp // ulysses, ulysses)  # [dp, R, U]
+    return {"ulysses": grid.reshape(-1, ulysses).tolist(), "ring": grid.transpose(1, 2).reshape(-1, cp // ulysses).tolist()}
+
+
+def new_cp_subgroups(dp: int, cp: int, ulysses: int, rank: int, timeout: Optional[timedelta] = None) -> tuple:
+    """Create every group of :func:`cp_subgroups` (collective: all ranks, same order) and return this
+    rank's ``(ulysses_group, ring_group)``."""
+    mine = {}
+    for name, lists in cp_subgroups(dp, cp, ulysses).items():
+        for ranks in lists:
+            g = dist.new_group(ranks, timeout=timeout) if timeout is not None else dist.new_group(ranks)
+            if rank in ranks:
+                mine[name] = g
+    return mine["ulysses"], mine["ring"]
+
+
 @dataclass
 class Mesh:
     """Topology of one run. Every group and ring neighbour derives from here; passed explicitly."""
@@ -79,6 +102,10 @@ class Mesh:
     cpu_group: Optional[dist.ProcessGroup] = None
     _fsdp_meshes: dict = field(default_factory=dict, repr=False, compare=False)  # name -> DeviceMesh
     timeout: Optional[timedelta] = None  # parallel.timeout_s, applied to every group the mesh creates
+    # parallel.ulysses = U > 1: the 2-D cp group (hybrid); U consecutive cp ranks, rings across (cp_subgroups)
+    ulysses: int = 1
+    ulysses_group: Optional[dist.ProcessGroup] = None
+    ring_group: Optional[dist.ProcessGroup] = None
 
     @property
     def dp_rank(self) -> int:
@@ -158,8 +185,10 @@ def init_mesh(cfg: MeshSpec, device_kind: str = "auto", timeout_s: Optional[floa
     cpu_group = dist.new_group(backend="gloo", timeout=timeout)
     for name in MESH_DIMS:
         _set_timeout(dm.get_group(name), timeout)
+    u = getattr(cfg, "ulysses", 1)
+    ug, rg = new_cp_subgroups(dp, cp, u, env.rank, timeout) if 1 < u and cp > 1 else (None, None)
     return Mesh(dp, cp, env.rank, env.world_size, device, dm.get_group("dp"), dm.get_group("cp"), dm,
-                cpu_group=cpu_group, timeout=timeout)
+                cpu_group=cpu_group, timeout=timeout, ulysses=u, ulysses_group=ug, ring_group=rg)
 
 
 def _set_timeout(group, timeout: Optional[timedelta]) -> None:

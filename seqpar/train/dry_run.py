@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Optional
 
 import torch
 
 from seqpar.config import Config
+from seqpar.parallel import cost
 from seqpar.parallel.mesh import dist_env, mesh_groups
 
 GIB = 2**30
@@ -39,10 +41,10 @@ def _vocab(cfg: Config) -> int:
 
 def param_counts(cfg: Config) -> dict:
     """Parameter counts from a meta-device model: ``{"total", "per_block", "root"}`` (nothing allocated)."""
-    from seqpar.models.llama import Llama
+    from seqpar.models.build import build_model
 
     with torch.device("meta"):
-        model = Llama(cfg.model)
+        model = build_model(cfg.model)
     total = sum(p.numel() for p in model.parameters())
     per_block = sum(p.numel() for p in model.layers[0].parameters())
     return {"total": total, "per_block": per_block, "root": total - per_block * len(model.layers)}
@@ -127,9 +129,45 @@ def dry_run(cfg: Config, world_size: Optional[int] = None, gpu_gib: Optional[flo
     if gpu_gib is None:
         gpu_gib = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else 80.0
     fits = est["total"] <= 0.9 * gpu_gib * GIB
+    attn = attention_cost(cfg, cp)
     if dist_env().rank == 0:
         _print(cfg, dp, cp, est, gpu_gib, fits)
-    return {"world_size": world, "dp": dp, "cp": cp, "memory": est, "gpu_gib": gpu_gib, "fits": fits}
+        _print_attention(cfg, attn)
+    return {"world_size": world, "dp": dp, "cp": cp, "memory": est, "gpu_gib": gpu_gib, "fits": fits,
+            "attention": attn}
+
+
+def attention_cost(cfg: Config, cp: int, gpus_per_node: Optional[int] = None) -> dict:
+    """PREDICTED attention time per step (fwd+bwd, all layers) of each ``parallel.cp_comm`` mode on ``cp`` GPUs
+    (:mod:`seqpar.parallel.cost`): ``{"modes": {mode: prediction}, "best", "kernel", "gpus_per_node"}``.
+    The kernel's rates are ``parallel.attention_backend``'s when measured, else cuDNN's (auto's first choice)."""
+    m, t = cfg.model, cfg.train
+    if gpus_per_node is None:
+        gpus_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 8))
+    kernel = cfg.parallel.attention_backend if cfg.parallel.attention_backend in cost.KERNEL_TFLOPS else "sdpa_cudnn"
+    visible = 0.5 if m.window is None else min(0.5, (m.window + 1) / t.seq_len)
+    shape = cost.AttnShape(seq_len=t.seq_len, heads=m.n_heads, kv_heads=m.kv_heads, head_dim=m.head_dim,
+                           batch=t.batch_size, visible=visible, layers=m.n_layers)
+    cluster = cost.Cluster(gpus=cp, gpus_per_node=max(1, gpus_per_node), kernel=kernel)
+    modes = cost.predict(shape, cluster)
+    best = min(cost.MODES, key=lambda md: (modes[md]["time"], cost.MODES.index(md)))
+    return {"modes": modes, "best": best, "kernel": kernel, "gpus_per_node": cluster.gpus_per_node}
+
+
+def _print_attention(cfg: Config, attn: dict) -> None:
+    def one(md: str, r: dict) -> str:
+        if not math.isfinite(r["time"]):
+            return f"{md} n/a"
+        u = f" U={r['ulysses']}" if "ulysses" in r else ""
+        when = f"{r['time'] * 1e3:,.1f} ms" if r["time"] < 10 else f"{r['time']:,.1f} s"
+        return f"{md}{u} {when} ({r['efficiency']:.0%})"
+
+    modes, best = attn["modes"], attn["best"]
+    print(f"  attention per step, PREDICTED by the cost model (fwd+bwd, all layers; kernel {attn['kernel']}, "
+          f"{attn['gpus_per_node']} GPUs/node, efficiency vs one GPU):")
+    print("    " + " | ".join(one(md, modes[md]) for md in cost.MODES))
+    print(f"    best predicted: {one(best, modes[best])} | configured parallel.cp_comm="
+          f"{getattr(cfg.parallel, 'cp_comm', 'ring')}", flush=True)
 
 
 def _print(cfg: Config, dp: int, cp: int, est: dict, gpu_gib: float, fits: bool) -> None:
@@ -144,7 +182,9 @@ def _print(cfg: Config, dp: int, cp: int, est: dict, gpu_gib: float, fits: bool)
           f"{m.n_heads}/{m.kv_heads} ffn {m.ffn_dim} vocab {m.vocab_size}")
     print(f"  seq_len {t.seq_len:,} x batch {t.batch_size} per dp rank -> {est['tokens_per_gpu']:,} tokens per GPU | "
           f"ac {t.ac} | ffn_chunk {t.ffn_chunk} | loss_chunk {t.loss_chunk} | compile {t.compile}")
-    print("  per-GPU memory estimate (GiB):")
+    dense = m.attention == "dense" and m.arch == "llama"
+    print("  per-GPU memory estimate (GiB)" + ("" if dense else f", activations and attention cost estimated for DENSE "
+          f"attention (the model has attention={m.attention} arch={m.arch}; parameters are counted exactly)") + ":")
     for key in ("params", "grads", "optimizer", "fsdp_buffers", "activations", "transient", "total"):
         print(f"    {key:<13} {est[key] / GIB:10.2f}")
     verdict = "fits" if fits else "does NOT fit"

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from seqpar.config import Config
 from seqpar.data import build_data
 from seqpar.data.pose import apply_pose
-from seqpar.models.llama import Llama
+from seqpar.models.build import build_model
 from seqpar.models.parallelize import parallelize
 from seqpar.ops import attention
 from seqpar.parallel.mesh import Mesh
@@ -113,10 +113,9 @@ class Trainer:
             return make_s2_attn_fn(int(self.cfg.lora.s2_group_ratio * self.cfg.train.seq_len), backend=p.attention_backend)
         if self.mesh.cp == 1:
             return functools.partial(attention, backend=p.attention_backend)
-        from seqpar.parallel.ring_attention import make_ring_attn_fn
+        from seqpar.parallel.attention_fn import cp_attn_fn
 
-        # Shapes are fixed per run (train.seq_len), so checking them across ranks once is enough.
-        return make_ring_attn_fn(self.mesh.cp_group, layout=p.layout, backend=p.attention_backend, validate="first")
+        return cp_attn_fn(self.cfg, self.mesh)  # parallel.cp_comm: ring | allgather | ulysses | hybrid | auto
 
     def _autocast_dtype(self) -> Optional[torch.dtype]:
         dtype = self.cfg.train.dtype
@@ -133,9 +132,9 @@ class Trainer:
         torch.manual_seed(t.seed)  # same initial weights on every rank
         if on_meta:
             with torch.device("meta"):
-                model = Llama(cfg.model, attn_fn=self._attention_fn())
+                model = build_model(cfg.model, attn_fn=self._attention_fn(), cp=self.mesh.cp)
         else:
-            model = Llama(cfg.model, attn_fn=self._attention_fn())
+            model = build_model(cfg.model, attn_fn=self._attention_fn(), cp=self.mesh.cp)
         if cfg.lora.rank > 0:  # adapters first, so FSDP shards them like every other parameter
             from seqpar.models.lora import apply_lora
 

@@ -1,0 +1,7 @@
+"""The architecture options' names (a leaf: ``seqpar.config`` validates against them, ``seqpar.models.build``
+builds them, and neither imports the other). What each option is: :mod:`seqpar.models.build`."""
+
+ATTENTIONS = ("dense", "longformer", "bigbird", "blocksparse", "performer", "linformer", "reformer")
+ARCHS = ("llama", "infini")
+# Options that are masks on the shared kernels: they run through the ring and the document mask.
+MASK_ATTENTIONS = ("dense", "longformer", "bigbird", "blocksparse")

@@ -1,0 +1,292 @@
+"""Cost model: predicted attention time per training step (forward + backward) for each context-parallel mode.
+
+Everything this module returns is a PREDICTION from measured kernel rates and link bandwidths; it is
+calibrated on 2- and 4-GPU H200 ring measurements (``MEASURED``), nothing more. Plain numbers in, plain numbers
+out: it imports nothing from ``seqpar`` (no model, no config), so the config and ``train.py --dry-run`` can use it.
+
+Notation: ``S`` tokens per sequence, ``B`` batch, ``H``/``Hk`` query/KV heads, ``D`` head_dim, ``b`` dtype bytes,
+``v`` visible fraction of (query, key) pairs (0.5 causal, 1 full), ``N`` GPUs, ``g`` GPUs per node.
+
+- FLOPs (fwd+bwd) ``F = 3.5 * 4 * B * H * S^2 * D * v``; a kernel call on ``L`` local queries runs at
+  ``rate(kernel, L)`` (``KERNEL_TFLOPS``, measured, log-interpolated, clamped at the measured ends); the forward
+  is ``FWD_SHARE`` of the kernel time.
+- ring over ``n`` ranks, ``T = S/n`` tokens per rank (zigzag: every step has the same visible work):
+  per step ``c = F/(n^2 rate(T))`` split fwd/bwd; K/V transfer ``m_kv = 2 B T Hk D b / bw``; backward also moves
+  the fp32 dK/dV accumulators (n-2 hops overlapped, the last one in ``b`` bytes exposed).
+  ``t = c_f + (n-1)(max(c_f, m_kv) + gam m_kv) + c_b + (n-1)(max(c_b, m_b) + gam m_b) + m_last
+  + n (alpha + beta B T H D / hbm)``; ``alpha`` (fixed per step), ``beta`` (merge/cast bytes per element per
+  step), ``gam`` (kernel slowdown per second of overlapped transfer: NCCL's copy kernels share the SMs) are
+  fitted to the measured efficiencies (``calibrate``). ``bw`` is NVLink inside a node, the inter-node link
+  per GPU once the ring spans nodes (every step waits for its slowest hop).
+- ulysses over ``U = N`` (``U | H``; KV heads replicated to ``Hk' = max(Hk, U)``): 4 all-to-alls forward (q, k, v,
+  out) and 4 backward (dout, dq, dk, dv), none overlapped, each moving ``(U-1)/U`` of ``B (S/U) heads D b``;
+  then the whole-sequence kernel on ``H/U`` heads: ``F/(U rate(S))``.
+- allgather: gather K/V (``2 B S Hk D b (n-1)/n``) forward, again backward, reduce-scatter fp32 dK/dV; in
+  ``slices`` slices, the first slice exposed and the rest hidden behind the kernel of the previous slice.
+- hybrid: Ulysses over ``U`` GPUs of one node, then the ring over ``R = N/U`` groups with ``S/R`` tokens and
+  ``H/U`` heads per GPU; the best ``U`` is chosen.
+- efficiency = ``F/(N rate(S)) / t``: the same kernel on one GPU at the same total tokens, as the benchmarks do.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+MODES = ("ring", "allgather", "ulysses", "hybrid")
+
+# Single-GPU fwd+bwd causal TFLOP/s per kernel vs call length in tokens (H200, bf16, H=32, D=128): averages of
+# /work/shared/DEVICE.md and the single-GPU rows of benchmarks/results/ring_*.md, x4_2026-11-28, issue12_before_after.
+KERNEL_TFLOPS = {
+    "sdpa_cudnn": ((16384, 530.0), (32768, 549.0), (65536, 555.0), (131072, 538.0), (262144, 525.0), (524288, 515.0)),
+    "sdpa_flash": ((16384, 318.0), (32768, 325.0), (65536, 327.0), (131072, 322.0)),
+    "triton": ((16384, 399.0), (32768, 388.0), (65536, 404.0), (131072, 402.0)),
+}
+# Forward's share of the fwd+bwd kernel time: (1/3.5) * rate(fwd+bwd) / rate(fwd), from the same tables.
+FWD_SHARE = {"sdpa_cudnn": 0.26, "sdpa_flash": 0.27, "triton": 0.23}
+
+# Measured ring efficiencies (zigzag, causal, B=1 H=32 Hk=32 D=128 bf16; mean over runs) the model is fitted to:
+# (kernel, GPUs, total tokens, efficiency vs the same kernel on one GPU).
+MEASURED = (
+    ("sdpa_cudnn", 2, 32768, 0.86), ("sdpa_cudnn", 2, 65536, 0.92), ("sdpa_cudnn", 2, 131072, 0.98),
+    ("sdpa_cudnn", 2, 262144, 1.01), ("sdpa_cudnn", 2, 524288, 1.02), ("sdpa_cudnn", 4, 131072, 0.93),
+    ("sdpa_cudnn", 4, 262144, 0.99), ("sdpa_cudnn", 4, 524288, 1.01),
+    ("sdpa_flash", 2, 32768, 0.91), ("sdpa_flash", 2, 65536, 0.95), ("sdpa_flash", 2, 131072, 0.985),
+    ("sdpa_flash", 4, 131072, 0.96),
+    ("triton", 2, 32768, 0.93), ("triton", 2, 65536, 0.95), ("triton", 2, 131072, 0.98), ("triton", 4, 131072, 0.95),
+)
+
+
+@dataclass(frozen=True)
+class AttnShape:
+    """One attention's shape. ``visible``: fraction of (q, k) pairs computed (0.5 causal, 1.0 full, less for
+    document/window masks); ``layers`` multiplies the time (the model's attention per step)."""
+    seq_len: int
+    heads: int = 32
+    kv_heads: Optional[int] = None
+    head_dim: int = 128
+    batch: int = 1
+    dtype_bytes: int = 2
+    visible: float = 0.5
+    layers: int = 1
+
+    @property
+    def hk(self) -> int:
+        return self.heads if self.kv_heads is None else self.kv_heads
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """``gpus`` in the context-parallel group, ``gpus_per_node`` on NVLink; bandwidths in GB/s per GPU."""
+    gpus: int
+    gpus_per_node: int = 8
+    intra_gbs: float = 328.0   # NCCL send/recv between two H200s (DEVICE.md)
+    inter_gbs: float = 50.0    # per GPU across nodes (400 Gb/s NIC per GPU); configurable
+    hbm_gbs: float = 4000.0    # device copy (DEVICE.md)
+    kernel: str = "sdpa_cudnn"
+
+
+@dataclass(frozen=True)
+class Calib:
+    """Fitted constants (``calibrate()`` reproduces them) and the assumed ones."""
+    alpha_s: float = 5.0e-5       # assumed: fixed cost per ring step (~10 launches + waits; the ms-long measured
+    #                               steps cannot resolve it: a free fit returns a negative value)
+    beta_bytes: float = 55.66     # fitted: HBM bytes per (token*head*dim) per ring step (merges, casts, accumulators)
+    gamma: float = 0.582          # fitted: kernel slowdown per second of overlapped transfer
+    coll_latency_s: float = 30e-6  # assumed: one collective inside a node
+    inter_latency_s: float = 1e-4  # assumed: one collective/step across nodes
+    grad_bytes: int = 4           # dK/dV accumulators travel in fp32
+    slices: int = 4               # all-gather overlap slices
+
+
+DEFAULT = Calib()
+
+
+def kernel_tflops(kernel: str, length: float) -> float:
+    """Measured fwd+bwd TFLOP/s of ``kernel`` for calls on ``length`` query tokens (log-linear between points,
+    clamped outside the measured range: below 16k the fixed per-call costs are in the ring's ``alpha``)."""
+    if kernel not in KERNEL_TFLOPS:
+        raise ValueError(f"no measured rate for kernel {kernel!r}; known: {', '.join(KERNEL_TFLOPS)}")
+    pts = KERNEL_TFLOPS[kernel]
+    if length <= pts[0][0]:
+        return pts[0][1]
+    for (l0, r0), (l1, r1) in zip(pts, pts[1:]):
+        if length <= l1:
+            w = math.log(length / l0) / math.log(l1 / l0)
+            return r0 + w * (r1 - r0)
+    return pts[-1][1]
+
+
+def attention_flops(s: AttnShape) -> float:
+    """Forward + backward FLOPs of one step's attention (all layers): 3.5 * 4 B H S^2 D * visible."""
+    return 3.5 * 4.0 * s.batch * s.heads * float(s.seq_len) ** 2 * s.head_dim * s.visible * s.layers
+
+
+def ideal_time(s: AttnShape, c: Cluster) -> float:
+    """The same kernel on one GPU at the whole length, divided by the GPUs: the 100%-efficiency time."""
+    return attention_flops(s) / (c.gpus * kernel_tflops(c.kernel, s.seq_len) * 1e12)
+
+
+def _bw(c: Cluster, span: int) -> float:
+    """Bytes/s of the slowest hop of a group of ``span`` consecutive ranks."""
+    return (c.intra_gbs if span <= c.gpus_per_node else c.inter_gbs) * 1e9
+
+
+def _ring_terms(s: AttnShape, c: Cluster, n: int, heads: int, kv_heads: int, bw: float, cal: Calib) -> dict:
+    """The ring's time split into its parts (seconds, all layers) for ``n`` ranks, ``S/n`` tokens each."""
+    T = s.seq_len / n
+    share = FWD_SHARE[c.kernel]
+    step = 3.5 * 4.0 * s.batch * heads * T * T * s.head_dim * s.visible / (kernel_tflops(c.kernel, T) * 1e12)
+    cf, cb = share * step, (1 - share) * step
+    kv = 2.0 * s.batch * T * kv_heads * s.head_dim  # K and V elements of one shard
+    m_kv = kv * s.dtype_bytes / bw
+    m_b = m_kv + (kv * cal.grad_bytes / bw) * (n - 2) / (n - 1) if n > 1 else 0.0
+    parts = {"kernel": n * step,
+             "exposed_comm": (n - 1) * (max(cf, m_kv) - cf + max(cb, m_b) - cb),
+             "contention": cal.gamma * (n - 1) * (m_kv + m_b),
+             "last_hop": m_kv if n > 1 else 0.0,
+             "merge": n * cal.beta_bytes * s.batch * T * heads * s.head_dim / (c.hbm_gbs * 1e9),
+             "fixed": n * (cal.alpha_s + (cal.inter_latency_s if bw < c.intra_gbs * 1e9 else 0.0))}
+    return {k: v * s.layers for k, v in parts.items()}
+
+
+def _a2a(s: AttnShape, c: Cluster, u: int, kv_heads: int, cal: Calib) -> float:
+    """Ulysses' 8 all-to-alls (q, k, v, out; dout, dq, dk, dv) over ``u`` consecutive ranks holding ``S/N``
+    tokens each (seconds, all layers). Traffic to ranks in other nodes goes over the inter-node link."""
+    if u <= 1:
+        return 0.0
+    elems = s.batch * (s.seq_len / c.gpus) * s.head_dim * 2 * (s.heads + kv_heads)  # fwd; bwd the same
+    out = 2 * elems * s.dtype_bytes * (u - 1) / u
+    in_node = min(u, c.gpus_per_node) - 1
+    t = max(out * in_node / (u - 1) / (c.intra_gbs * 1e9), out * (u - 1 - in_node) / (u - 1) / (c.inter_gbs * 1e9))
+    lat = cal.coll_latency_s if u <= c.gpus_per_node else cal.inter_latency_s
+    return (t + 8 * lat) * s.layers
+
+
+def _ulysses_kv(s: AttnShape, u: int) -> Optional[int]:
+    """KV heads after replication for a Ulysses degree ``u`` (None when the heads do not split)."""
+    if s.heads % u:
+        return None
+    if s.hk % u == 0:
+        return s.hk
+    return u if u % s.hk == 0 else None
+
+
+def mode_time(mode: str, s: AttnShape, c: Cluster, cal: Calib = DEFAULT, *, ulysses: Optional[int] = None) -> dict:
+    """Predicted time of one ``mode`` (seconds, fwd+bwd, all layers) and its parts; ``{"time": inf, "why": ...}``
+    when the shapes cannot use it. ``ulysses``: the hybrid's Ulysses degree (default: the best one)."""
+    n = c.gpus
+    if mode == "ring":
+        parts = _ring_terms(s, c, n, s.heads, s.hk, _bw(c, n), cal)
+    elif mode == "ulysses":
+        kv = _ulysses_kv(s, n)
+        if kv is None:
+            return {"time": math.inf, "why": f"heads {s.heads}/{s.hk} do not split over {n} GPUs"}
+        t_k = attention_flops(s) / (n * kernel_tflops(c.kernel, s.seq_len) * 1e12)
+        parts = {"kernel": t_k, "exposed_comm": _a2a(s, c, n, kv, cal)}
+    elif mode == "allgather":
+        parts = _allgather(s, c, cal)
+    elif mode == "hybrid":
+        us = [ulysses] if ulysses else [u for u in range(2, min(n, c.gpus_per_node) + 1) if n % u == 0 and u < n]
+        best = {"time": math.inf, "why": f"no Ulysses degree 1 < U < {n} within a node splits the heads"}
+        for u in us:
+            kv = _ulysses_kv(s, u)
+            if kv is None or n % u:
+                continue
+            r = n // u
+            p = _ring_terms(s, c, r, s.heads // u, kv // u,
+                            _bw(c, n if r > 1 else u), cal)
+            # the ring over R groups sees S/R tokens per rank, H/U heads: _ring_terms with n=r does exactly that
+            p["a2a"] = _a2a(s, c, u, kv, cal)
+            t = sum(p.values())
+            if t < best["time"]:
+                best = {"time": t, "parts": p, "ulysses": u}
+        return best
+    else:
+        raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+    return {"time": sum(parts.values()), "parts": parts}
+
+
+def _allgather(s: AttnShape, c: Cluster, cal: Calib) -> dict:
+    n = c.gpus
+    if n == 1:
+        return {"kernel": attention_flops(s) / (kernel_tflops(c.kernel, s.seq_len) * 1e12)}
+    T, bw, k = s.seq_len / n, _bw(c, n), cal.slices
+    t_k = attention_flops(s) / (n * kernel_tflops(c.kernel, T) * 1e12)
+    cf, cb = FWD_SHARE[c.kernel] * t_k, (1 - FWD_SHARE[c.kernel]) * t_k
+    kv = 2.0 * s.batch * s.seq_len * s.hk * s.head_dim * (n - 1) / n * s.layers
+    g, r = kv * s.dtype_bytes / bw, kv * cal.grad_bytes / bw
+    exposed = g / k + max(0.0, g - cf) * (k - 1) / k + (g + r) / k + max(0.0, g + r - cb) * (k - 1) / k
+    lat = (cal.coll_latency_s if n <= c.gpus_per_node else cal.inter_latency_s) * 3 * k * s.layers
+    return {"kernel": t_k, "exposed_comm": exposed, "contention": cal.gamma * (k - 1) / k * (2 * g + r),
+            "fixed": lat}
+
+
+def predict(s: AttnShape, c: Cluster, cal: Calib = DEFAULT) -> dict:
+    """``{mode: {"time", "efficiency", "parts" | "why"[, "ulysses"]}}`` for every mode (PREDICTIONS)."""
+    ideal = ideal_time(s, c)
+    out = {}
+    for m in MODES:
+        r = mode_time(m, s, c, cal)
+        r["efficiency"] = ideal / r["time"] if math.isfinite(r["time"]) else 0.0
+        out[m] = r
+    return out
+
+
+def best_of(s: AttnShape, c: Cluster, cal: Calib = DEFAULT) -> tuple:
+    """(mode, prediction) with the smallest predicted time; ties go to the earlier mode in ``MODES``."""
+    p = predict(s, c, cal)
+    mode = min(MODES, key=lambda m: (p[m]["time"], MODES.index(m)))
+    return mode, p[mode]
+
+
+def best_mode(seq_len: int, *, gpus: int, heads: int, kv_heads: Optional[int] = None, head_dim: int = 128,
+              batch: int = 1, causal: bool = True, visible: Optional[float] = None, gpus_per_node: int = 8,
+              kernel: str = "sdpa_cudnn", intra_gbs: float = 328.0, inter_gbs: float = 50.0,
+              dtype_bytes: int = 2) -> str:
+    """The mode (one of ``MODES``) with the smallest predicted attention time for this shape on ``gpus``
+    context-parallel GPUs (``gpus_per_node`` on NVLink). Plain numbers only; used by ``parallel.cp_comm=auto``.
+
+    ``visible`` overrides the visible-pair fraction (default 0.5 causal, 1.0 otherwise); ``kernel`` one of
+    ``KERNEL_TFLOPS``. A mode the heads cannot use is never returned; ``ring`` always works."""
+    s = AttnShape(seq_len=seq_len, heads=heads, kv_heads=kv_heads, head_dim=head_dim, batch=batch,
+                  dtype_bytes=dtype_bytes, visible=visible if visible is not None else (0.5 if causal else 1.0))
+    c = Cluster(gpus=gpus, gpus_per_node=gpus_per_node, intra_gbs=intra_gbs, inter_gbs=inter_gbs, kernel=kernel)
+    return best_of(s, c)[0]
+
+
+def ring_efficiency(kernel: str, gpus: int, seq_len: int, cal: Calib = DEFAULT) -> float:
+    """Predicted efficiency of the ring in the measured benchmark's shape (B=1 H=32 D=128 causal bf16)."""
+    s, c = AttnShape(seq_len=seq_len), Cluster(gpus=gpus, kernel=kernel)
+    return ideal_time(s, c) / mode_time("ring", s, c, cal)["time"]
+
+
+def calibrate(points=MEASURED, base: Calib = DEFAULT) -> Calib:
+    """Least-squares fit of (beta, gamma) to the measured ring times ``ideal / efficiency`` (relative errors),
+    ``alpha`` kept from ``base``. The model is linear in both: ``t = t0 + beta b + gamma g`` (numpy, host only)."""
+    import numpy as np
+
+    rows, rhs = [], []
+    zero = dataclasses.replace(base, beta_bytes=0.0, gamma=0.0)
+    for kernel, n, S, eff in points:
+        s, c = AttnShape(seq_len=S), Cluster(gpus=n, kernel=kernel)
+        t0 = mode_time("ring", s, c, zero)["time"]
+        cols = [mode_time("ring", s, c, dataclasses.replace(zero, **{f: 1.0}))["time"] - t0
+                for f in ("beta_bytes", "gamma")]
+        w = 1.0 / t0  # fit relative errors
+        rows.append([x * w for x in cols])
+        rhs.append((ideal_time(s, c) / eff - t0) * w)
+    sol, *_ = np.linalg.lstsq(np.array(rows), np.array(rhs), rcond=None)
+    b, g = (max(0.0, float(x)) for x in sol)
+    return dataclasses.replace(base, beta_bytes=b, gamma=g)
+
+
+def fit_table(cal: Calib = DEFAULT, points=MEASURED) -> list:
+    """Per measured point: measured and predicted efficiency and the error (percentage points)."""
+    out = []
+    for kernel, n, S, eff in points:
+        pred = ring_efficiency(kernel, n, S, cal)
+        out.append({"kernel": kernel, "gpus": n, "tokens": S, "measured": eff, "predicted": pred,
+                    "error_pp": 100 * (pred - eff)})
+    return out
