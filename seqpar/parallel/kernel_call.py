@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from seqpar.ops.attention import LocalMask, select
+from seqpar.ops.attention.registry import backward_delta
 
 
 class _KernelFn(torch.autograd.Function):
@@ -31,14 +32,8 @@ class _KernelFn(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         lm, record, scale = ctx.args
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
-        extra = {}
-        if record.takes_delta:
-            acc = torch.promote_types(q.dtype, torch.float32)
-            delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2).contiguous()  # [B, H, Sq]
-            extra["delta"] = delta if dlse is None else delta - dlse.to(acc)
-        elif dlse is not None:
-            raise NotImplementedError(f"backend={record.name} recomputes delta inside the fused kernel, so a gradient "
-                                      "through lse is not supported; use backend='torch' or 'triton'.")
+        delta = backward_delta([record], dout, out, dlse)
+        extra = {} if delta is None else {"delta": delta}
         dq, dk, dv = record.backward(dout, q, k, v, out, lse, lm, softmax_scale=scale, **extra)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 

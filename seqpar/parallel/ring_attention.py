@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from seqpar.ops.attention import Mask
+from seqpar.ops.attention.registry import backward_delta
 from seqpar.ops.merge import merge_attention
 from seqpar.parallel.layout import LAYOUTS, required_multiple
 from seqpar.parallel.ring import RingComm
@@ -226,20 +227,8 @@ class RingAttentionFn(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         group, plan, scale = ctx.args
-        acc = torch.promote_types(q.dtype, torch.float32)
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
-        records = {r.name: r for rs in plan.records for r in rs}
-        if any(not r.takes_delta for r in records.values()):
-            if dlse is not None:
-                name = next(n for n, r in records.items() if not r.takes_delta)
-                raise NotImplementedError(f"backend={name} recomputes delta inside the fused kernel, so a "
-                                          "gradient through lse is not supported; use backend='torch' or 'triton'.")
-        delta = None  # the fused kernels compute it from (dout, out) themselves
-        if any(r.takes_delta for r in records.values()):
-            delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2).contiguous()  # [B, H, L]
-            if dlse is not None:
-                # d lse_i / d s_ij = p_ij, so an lse gradient adds dlse_i * p_ij to dS: fold it into delta.
-                delta = delta - dlse.to(acc)
+        delta = backward_delta([r for rs in plan.records for r in rs], dout, out, dlse)
         dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, delta, group, plan, scale)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 

@@ -165,6 +165,24 @@ RECORDS = {
 }
 
 
+def backward_delta(records, dout: Tensor, out: Tensor, dlse: Optional[Tensor]) -> Optional[Tensor]:
+    """The ``delta [B, H, Sq]`` to pass to the backward of ``records`` (those of one differentiable call):
+    ``rowsum(dout * out) - dlse`` in fp32 (fp64 for fp64) when any of them takes it, else None (the fused
+    kernels recompute it from ``dout``/``out``). An lse gradient folds into delta because
+    ``d lse_i / d s_ij = p_ij``; a record that recomputes delta itself cannot take one: NotImplementedError
+    naming it."""
+    records = list(records)
+    fused = [r.name for r in records if not r.takes_delta]
+    if fused and dlse is not None:
+        raise NotImplementedError(f"backend={fused[0]} recomputes delta inside the fused kernel, so a gradient "
+                                  "through lse is not supported; use backend='torch' or 'triton'.")
+    if not any(r.takes_delta for r in records):
+        return None
+    acc = torch.promote_types(out.dtype, torch.float32)
+    delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2).contiguous()  # [B, Sq, H, D] -> [B, H, Sq]
+    return delta if dlse is None else delta - dlse.to(acc)
+
+
 def select(backend: str, q: Tensor, k: Tensor, mask: LocalMask, need_lse_grad: bool = False) -> Backend:
     """The record that computes attention of ``q [B, Sq, H, D]`` against ``k [B, Sk, Hkv, D]`` under ``mask``.
 
