@@ -22,7 +22,8 @@ Run (any number of GPUs; world sizes 1, 2, 4, ... up to all launched ranks, or `
    balancer, rotate method all-gather (torch's default) or all-to-all).
    A world size w < N runs on the ring of ranks 0..w-1 (the others wait). A row that runs out of
    memory is recorded as ``OOM`` and the run goes on. Warm-up/iterations: 3/10 up to 32k tokens,
-   2/5 up to 128k, 1/2 beyond (a 512k step takes seconds; run-to-run spread there is < 1%).
+   2/5 up to 128k, 1/2 up to 512k, 1/1 beyond (a 512k step takes seconds, 1M one GPU a minute; run-to-run
+   spread there is < 1%).
    ``--full-upto N --long-kernels cudnn`` times only that kernel family beyond N tokens (device time).
 3. Derived columns (``ring_report.derive``): scaling efficiency = per-GPU TFLOP/s / the single-GPU TFLOP/s of
    the same local kernel at the same total tokens in the same run (ring -> ring ws=1, torch_cp -> sdpa);
@@ -259,6 +260,9 @@ def main():
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="no GPU: rebuild one report from earlier runs' JSON files (rows concatenated)")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--cp-rotate", default="allgather,alltoall", help="torch CP rotate methods to time")
+    ap.add_argument("--skip-ring-ws1", action="store_true",
+                    help="no ring of one (efficiency vs bare SDPA instead): saves a minute per 1M-token kernel")
     args = ap.parse_args()
     if args.merge:
         return merge(args.merge, args.out, args.tag)
@@ -294,13 +298,13 @@ def main():
                   + f" | {c['lse_abs_err']:.1e} | {'ok' if c['ok'] else 'FAIL'} {c['error'] or ''}", flush=True)
 
     configs = [("sdpa", kind, 1, "-") for kind in ("flash", "cudnn")]
-    configs += [("ring", be, 1, "zigzag") for be in backends]
+    configs += [] if args.skip_ring_ws1 else [("ring", be, 1, "zigzag") for be in backends]
     for w in (w for w in sizes if w > 1):
         configs += [("ring", be, w, lay) for lay in ("zigzag", "striped") for be in backends]
         configs += [(m, be, w, "zigzag") for m in ("ring-nocomm", "kernels-only")
                     for be in ("sdpa_flash", "sdpa_cudnn") if be in backends]
         configs += [("torch_cp", f"{kind}+{rot}", w, "head-tail") for kind in ("flash", "cudnn")
-                    for rot in ("allgather", "alltoall")]
+                    for rot in args.cp_rotate.split(",")]
     configs = [c for c in configs if c[0] in args.methods.split(",")]
     long_kernels = [k for k in args.long_kernels.split(",") if k]
 
@@ -316,7 +320,8 @@ def main():
     meshes = {w: DeviceMesh("cuda", list(range(w))) for w in sizes if w > 1}  # collective: every rank
     rows = []
     for seq in (int(s) for s in args.seqs.split(",")):
-        warmup, iters = (3, 10) if seq <= 32768 else (2, 5) if seq <= 131072 else (1, 2)
+        warmup, iters = ((3, 10) if seq <= 32768 else (2, 5) if seq <= 131072 else (1, 2) if seq <= 524288
+                         else (1, 1))
         for method, kernel, w, layout in configs_at(seq):
             group = singletons[rank] if w == 1 else rings[w]
             dist.barrier()

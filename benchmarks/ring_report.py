@@ -20,13 +20,17 @@ def derive(rows: list) -> list:
     """Add ``efficiency`` (per-GPU TFLOP/s / the single-GPU TFLOP/s of the same local kernel, same
     total tokens, same run) and, on ring rows with ws > 1, ``comm_share`` (exposed communication:
     (t_ring - t_ring-nocomm) / t_ring, same kernel, layout, ws and tokens). Missing or failed
-    partners give None. Returns the rows (changed in place)."""
+    partners give None; a ring row without its ring of one (``--skip-ring-ws1``) divides by the bare
+    SDPA kernel of the same family instead. Returns the rows (changed in place)."""
     ok = lambda r: r is not None and r.get("error") is None and r["tflops_per_gpu"] == r["tflops_per_gpu"]
     single = {(r["method"], r["kernel"], r["world_size"], r["seq"]): r for r in rows
               if r["world_size"] == 1 and r["method"] in ("sdpa", "ring") and r["layout"] in ("zigzag", "-")}
     nocomm = {(r["kernel"], r["layout"], r["world_size"], r["seq"]): r for r in rows if r["method"] == "ring-nocomm"}
     for r in rows:
         base = single.get(_baseline_key(r))
+        if base is None and r["method"] != "torch_cp" and r["kernel"].startswith("sdpa_"):
+            # No ring of one at this length (--skip-ring-ws1): the bare SDPA kernel of the same family.
+            base = single.get(("sdpa", r["kernel"][len("sdpa_"):], 1, r["seq"]))
         r["efficiency"] = r["tflops_per_gpu"] / base["tflops_per_gpu"] if ok(r) and ok(base) else None
         nc = nocomm.get((r["kernel"], r["layout"], r["world_size"], r["seq"])) if r["method"] == "ring" else None
         r["comm_share"] = max(0.0, (r["ms"] - nc["ms"]) / r["ms"]) if r["world_size"] > 1 and ok(r) and ok(nc) else None

@@ -134,6 +134,11 @@ def test_ring_derived_columns_and_outputs(tmp_path):
     by_key = {(r["method"], r["world_size"], r["seq"]): r for r in merged if r["kernel"] == "sdpa_cudnn"}
     assert by_key[("ring", 2, 2 * s)]["ms"] == 110.0 and by_key[("ring", 2, 2 * s)]["error"] is None
     assert by_key[("ring", 2, 16 * s)]["efficiency"] == pytest.approx(900.0 / (2 * 470.0))
+    # --skip-ring-ws1: a ring row without its ring of one divides by bare SDPA of the same family.
+    bare = [_ring_row("sdpa", "cudnn", 1, 32 * s, 3600.0, layout="-"), _ring_row("ring", "sdpa_cudnn", 4, 32 * s, 950.0),
+            _ring_row("ring", "triton", 4, 32 * s, 1200.0)]
+    bench_ring.derive(bare)
+    assert bare[1]["efficiency"] == pytest.approx(3600.0 / (4 * 950.0)) and bare[2]["efficiency"] is None
 
 
 def test_train_scaling_runs_markdown_plot(tmp_path):
