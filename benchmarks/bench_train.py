@@ -54,10 +54,11 @@ FEATURES = {"llama3-1b": ["train.ffn_chunk=8192", "train.loss_chunk=4096"],
 
 
 def scaling_runs(models: list, modes: list, world_sizes: list, tokens_per_gpu: int, seq_len: int,
-                 compile_modes: tuple = (False,)) -> dict:
+                 compile_modes: tuple = (False,), doc_mask: bool = False) -> dict:
     """``{name: (nproc, overrides)}`` for weak (fixed tokens per GPU) and strong (fixed total) scaling,
     once per ``compile_modes`` entry (``train.compile``; compiled runs are named ``..._compile_x<w>``).
-    A strong run that repeats a weak run's exact configuration is not run twice."""
+    A strong run that repeats a weak run's exact configuration is not run twice. ``doc_mask`` off (the
+    default) trains every sequence as one causal document: the long-context attention cost being measured."""
     runs, seen = {}, set()
     for model in models:
         for comp in compile_modes:
@@ -66,7 +67,8 @@ def scaling_runs(models: list, modes: list, world_sizes: list, tokens_per_gpu: i
                     s = tokens_per_gpu * w if mode == "weak" else seq_len
                     ov = [f"model={model}", *FEATURES.get(model, []), f"parallel.cp={w}", "parallel.dp=1",
                           "parallel.fsdp=dp_cp", "train.batch_size=1", f"train.seq_len={s}",
-                          f"data.max_bytes={max(8_000_000, 6 * s)}", f"train.compile={str(comp).lower()}"]
+                          f"data.max_bytes={max(8_000_000, 6 * s)}", f"train.compile={str(comp).lower()}",
+                          f"data.doc_mask={str(doc_mask).lower()}"]
                     if (w, tuple(ov)) in seen:
                         continue
                     seen.add((w, tuple(ov)))
@@ -234,6 +236,10 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds per run")
     ap.add_argument("--workdir", default="/tmp/seqpar_bench", help="run directories, one new per run")
     ap.add_argument("--tag", default="", help="file tag, e.g. h200x2 (default: device and GPU count)")
+    ap.add_argument("--doc-mask", action="store_true",
+                    help="scaling runs with data.doc_mask=true (packed documents; default: one causal sequence)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="extra train.py overrides for every run (e.g. parallel.cp_comm=ulysses)")
     args = ap.parse_args()
     info = report.environment()
     gpus = max(1, info["gpus"])
@@ -251,14 +257,14 @@ def main() -> int:
                  else sorted({min(2 ** i, gpus) for i in range(gpus.bit_length())} | {gpus}))
         modes = tuple({"off": False, "on": True}[c] for c in args.compile.split(","))
         todo = scaling_runs(args.models.split(","), args.scaling.split(","), sizes, args.tokens_per_gpu, args.seq_len,
-                            modes)
+                            modes, args.doc_mask)
         ac, prefix = args.ac, "train_scaling"
     tag = args.tag or report.stem("", info, max(n for n, _ in todo.values()))[1:]
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"{prefix}_{tag}")
     runs = []
     for name, (nproc, overrides) in todo.items():
-        runs.append(_run(name, overrides, args.steps, args.warmup, nproc, args.workdir, args.out, args.timeout,
+        runs.append(_run(name, [*overrides, *args.set], args.steps, args.warmup, nproc, args.workdir, args.out, args.timeout,
                          ac, gpu_gib))
         md = markdown(info, runs)
         # Rewritten after every run: partial results survive a timeout of the whole benchmark.

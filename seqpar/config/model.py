@@ -43,7 +43,7 @@ class ModelConfig:
     # (bidirectional) is for build_model users; the trainer trains a causal LM and refuses it.
     # dense | longformer (window + sinks as global tokens) | bigbird | blocksparse | performer | linformer | reformer
     attention: str = "dense"
-    arch: str = "llama"  # llama | infini
+    arch: str = "llama"  # llama | infini | megalodon
     causal: bool = True
     sparse_block: int = 64  # BigBird block b (Zaheer et al. 2020, App. D)
     bigbird_window_blocks: int = 3  # w: blocks i-1, i, i+1 (causal: i-1, i)
@@ -63,6 +63,13 @@ class ModelConfig:
     reformer_reversible: bool = True  # reversible residual layers (Sec. 3); needs parallel.fsdp=none
     infini_segment: int = 2048  # N: segment length (Munkhdalai et al. 2024)
     infini_update: str = "delta"  # linear | delta
+    # MEGALODON (Ma et al. 2024; seqpar.models.megalodon). z/value dims None: dim / 4 and 2 * dim (the paper's 7B:
+    # 1024 and 8192 at dim 4096); see megalodon_dims. Heads: model.n_heads (no GQA: n_kv_heads is not used).
+    megalodon_chunk: int = 2048  # attention chunk c (causal inside each chunk, none across)
+    megalodon_ema_dim: int = 16  # h: complex EMA dimensions per channel
+    megalodon_norm_groups: int = 32  # G: timestep-norm groups (must divide dim)
+    megalodon_z_dim: Optional[int] = None  # shared q/k representation Z
+    megalodon_value_dim: Optional[int] = None  # value / gate width
 
     def __post_init__(self) -> None:
         self._check_architecture()
@@ -131,9 +138,32 @@ class ModelConfig:
         check(self.causal or self.arch == "llama",
               f"model.causal=false is not available for model.arch={self.arch} (its memory is causal by "
               "construction); set model.causal=true.")
-        check(self.arch != "infini" or a == "dense",
-              f"model.arch=infini uses dense local attention inside each segment; model.attention={a} "
-              "cannot be combined with it: set model.attention=dense.")
+        check(self.arch == "llama" or a == "dense",
+              f"model.arch={self.arch} brings its own attention; model.attention={a} cannot be combined with it: "
+              "set model.attention=dense.")
+        if self.arch == "megalodon":
+            self._check_megalodon()
+
+    def _check_megalodon(self) -> None:
+        for name in ("megalodon_chunk", "megalodon_ema_dim", "megalodon_norm_groups"):
+            check_positive(f"model.{name}", getattr(self, name))
+        for name in ("megalodon_z_dim", "megalodon_value_dim"):
+            if getattr(self, name) is not None:
+                check_positive(f"model.{name}", getattr(self, name))
+        check(self.dim % self.megalodon_norm_groups == 0, f"model.megalodon_norm_groups={self.megalodon_norm_groups} "
+              f"must divide model.dim={self.dim}; pick a divisor.")
+        z, v = self.megalodon_dims
+        check(z % self.n_heads == 0 and (z // self.n_heads) % 2 == 0, f"model.megalodon_z_dim={z} must be a multiple "
+              f"of 2 * model.n_heads={2 * self.n_heads} (an even head dim for RoPE); set megalodon_z_dim.")
+        check(v % self.n_heads == 0, f"model.megalodon_value_dim={v} must be a multiple of model.n_heads="
+              f"{self.n_heads}; set megalodon_value_dim.")
+
+    @property
+    def megalodon_dims(self) -> tuple:
+        """MEGALODON's ``(z_dim, value_dim)``: as set, else ``dim / 4`` and ``2 * dim`` (the paper's ratios)."""
+        z = self.megalodon_z_dim if self.megalodon_z_dim is not None else max(self.dim // 4, 2 * self.n_heads)
+        v = self.megalodon_value_dim if self.megalodon_value_dim is not None else 2 * self.dim
+        return z, v
 
     @property
     def head_dim(self) -> int:

@@ -10,8 +10,9 @@
 * ``performer`` (:mod:`seqpar.models.performer`), ``linformer`` (:mod:`seqpar.models.linformer`), ``reformer``
   (:mod:`seqpar.models.reformer`: LSH attention only),
   ``arch=infini`` (:mod:`seqpar.models.infini`): their own attention modules, one process per sequence (cp=1).
+* ``arch=megalodon`` (:mod:`seqpar.models.megalodon`): its own blocks (CEMA, timestep norm, chunk-wise attention
+  through the injected ``attn_fn`` under a Mask), one process per sequence (cp=1).
 
-Not built (issue 16): Reformer's reversible layers and chunked feed-forward; MEGALODON (CEMA, timestep norm).
 The choice lists live in :mod:`seqpar.models.options` (``seqpar.config`` validates against them).
 """
 from __future__ import annotations
@@ -41,6 +42,10 @@ def build_model(model_cfg: ModelConfig, attn_fn: Optional[AttnFn] = None, *, cp:
     from seqpar.models.llama import Llama
 
     c = model_cfg
+    if c.arch == "megalodon":
+        from seqpar.models.megalodon import Megalodon
+
+        return Megalodon(c, attn_fn)
     if c.arch == "infini":
         from seqpar.models.infini import InfiniLlama
 

@@ -302,7 +302,7 @@ class Llama(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.tok_embeddings.weight.numel() if exclude_embedding else n
 
-    def flops_per_token(self, seq_len: int, causal: bool = True) -> float:
+    def flops_per_token(self, seq_len: int, causal: bool = True, keys_per_query: Optional[float] = None) -> float:
         """Training (forward + backward) FLOPs per token, for MFU.
 
         ``6 * N_matmul + attention``, where ``N_matmul`` counts the weights used in matmuls (q/k/v/o,
@@ -312,10 +312,15 @@ class Llama(nn.Module):
         backward: ``12 * n_layers * dim * seq_len`` with full attention. With ``causal`` (the default)
         we count only the unmasked half, ``6 * n_layers * dim * seq_len``, i.e. the work a
         causal-skipping kernel actually does (some MFU reports use the full 12; ours is conservative).
+        ``keys_per_query`` (the mean number of keys a query sees under the step's mask: documents,
+        windows, sinks) replaces ``seq_len / 2``: ``12 * n_layers * dim * keys_per_query``, the work a
+        tile-skipping kernel does, so document masks do not inflate MFU.
         """
         c = self.cfg
         kv_dim = c.kv_heads * c.head_dim
         per_layer = c.dim * c.dim * 2 + c.dim * kv_dim * 2 + 3 * c.dim * c.ffn_dim  # wq, wo, wk, wv, w1..3
         n_matmul = c.n_layers * per_layer + c.vocab_size * c.dim
         attn = (6 if causal else 12) * c.n_layers * c.dim * seq_len
+        if keys_per_query is not None:
+            attn = 12 * c.n_layers * c.dim * keys_per_query
         return float(6 * n_matmul + attn)

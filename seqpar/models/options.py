@@ -2,6 +2,6 @@
 builds them, and neither imports the other). What each option is: :mod:`seqpar.models.build`."""
 
 ATTENTIONS = ("dense", "longformer", "bigbird", "blocksparse", "performer", "linformer", "reformer")
-ARCHS = ("llama", "infini")
+ARCHS = ("llama", "infini", "megalodon")
 # Options that are masks on the shared kernels: they run through the ring and the document mask.
 MASK_ATTENTIONS = ("dense", "longformer", "bigbird", "blocksparse")

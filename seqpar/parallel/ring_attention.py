@@ -5,7 +5,8 @@ expanded for GQA) travel around the ring (``seqpar.parallel.ring``) while the lo
 (``seqpar.ops``, chosen by ``backend``) computes on the block in hand. Step ``i`` on rank ``r``
 holds the K/V of rank ``(r - i) mod N``.
 
-Forward: partial ``(out, lse)`` of every block merge in fp32 by log-sum-exp (``seqpar.ops.merge``).
+Forward: partial ``(out, lse)`` of every block merge in fp32 by log-sum-exp, one pass per merge
+(``seqpar.ops.accumulate``; a fused Triton kernel on CUDA, the torch reference elsewhere).
 Backward: the saved FINAL lse and ``delta = rowsum(dout * out)`` make every block's gradient exact on
 its own (FlashAttention's recompute), so dQ accumulates locally and dK/dV accumulate in fp32 in
 buffers that travel with K/V and arrive back at their owner after the last step.
@@ -30,7 +31,8 @@ from torch import Tensor
 
 from seqpar.ops.attention import Mask
 from seqpar.ops.attention.registry import backward_delta
-from seqpar.ops.merge import merge_attention
+from seqpar.ops.accumulate import RunningAttention, RunningSum
+from seqpar.ops.merge import MERGE_IMPLS, merge_impl
 from seqpar.parallel.layout import LAYOUTS, required_multiple
 from seqpar.parallel.ring import RingComm
 from seqpar.parallel.ring_plan import BlockCall, RingPlan, build_plan, plan_step  # noqa: F401  (re-exported)
@@ -103,134 +105,111 @@ def ring_mask(causal: bool, mask: Optional[Mask]) -> Optional[Mask]:
     return mask
 
 
-def _ring_forward(q, k, v, comm: RingComm, plan: RingPlan, scale):
-    """Returns out ``[B, L, H, D]`` and lse ``[B, H, L]``, both in the accumulation dtype (fp32/fp64)."""
-    b, L, h, d = q.shape
+def _last_call(plan: RingPlan) -> tuple[int, int]:
+    """(step, index) of the plan's last kernel call: the update that may write the final dtype."""
+    for step in range(plan.steps - 1, -1, -1):
+        if plan.calls[step]:
+            return step, len(plan.calls[step]) - 1
+    return -1, -1
+
+
+def _ring_forward(q, k, v, comm: RingComm, plan: RingPlan, scale, merge: str = "auto"):
+    """Returns out ``[B, L, H, D]`` in q's dtype and lse ``[B, H, L]`` in the accumulation dtype (fp32/fp64)."""
     acc = torch.promote_types(q.dtype, torch.float32)
-    only = plan.num_calls == 1  # one call in all: keep the kernel's output as is (no fp32 round trip)
-    out = lse = None
+    # One pass per merge (seqpar.ops.accumulate): the first partial kept as the kernel gave it, fp32 after,
+    # the plan's last call writing q's dtype.
+    run = RunningAttention(q.shape, q.dtype, q.device, merge_impl(merge, q))
+    final_at = _last_call(plan)
     kv = [k, v]
     last = plan.steps - 1
     for step in range(plan.steps):
         handle = comm.send_recv(kv) if step < last else None  # next block in flight during compute
-        for c, lm, record in zip(plan.calls[step], plan.masks[step], plan.records[step]):
+        for i, (c, lm, record) in enumerate(zip(plan.calls[step], plan.masks[step], plan.records[step])):
             qs, ks = slice(c.q_start, c.q_start + c.q_len), slice(c.k_start, c.k_start + c.k_len)
-            all_rows = c.q_start == 0 and c.q_len == L
+            all_rows = c.q_start == 0 and c.q_len == q.shape[1]
             # A kernel that merges into running fp32 (out, lse) in place saves the separate merge pass.
-            fused = record.ring_accumulators and acc == torch.float32 and all_rows and out is not None
-            extra = dict(out_acc=out, lse_acc=lse) if fused else {}
-            o, l = record.forward(q[:, qs], kv[0][:, ks], kv[1][:, ks], lm, softmax_scale=scale, **extra)
-            if fused:
-                out, lse = o, l  # merged in place by the kernel
-            elif out is None and all_rows:
-                out, lse = (o if only else o.to(acc)), l.to(acc).contiguous()
-            else:
-                if out is None:
-                    out = q.new_zeros((b, L, h, d), dtype=acc)
-                    lse = q.new_full((b, h, L), float("-inf"), dtype=acc)
-                elif out.dtype != acc:
-                    out = out.to(acc)  # partial-row merges write into out: it must hold fp32
-                if all_rows:
-                    out, lse = merge_attention(out, lse, o, l)
-                else:
-                    out[:, qs], lse[:, :, qs] = merge_attention(out[:, qs], lse[:, :, qs], o, l)
+            if record.ring_accumulators and acc == torch.float32 and all_rows and run.started:
+                out_acc, lse_acc = run.buffers()
+                record.forward(q[:, qs], kv[0][:, ks], kv[1][:, ks], lm, softmax_scale=scale, out_acc=out_acc,
+                               lse_acc=lse_acc)
+                continue
+            o, l = record.forward(q[:, qs], kv[0][:, ks], kv[1][:, ks], lm, softmax_scale=scale)
+            run.add(o, l, c.q_start, final=(step, i) == final_at)
         if handle is not None:
             kv = handle.wait()
-    if out is None:  # no visible key anywhere (e.g. an all-False block-sparse layout): out 0, lse -inf
-        out, lse = q.new_zeros((b, L, h, d), dtype=acc), q.new_full((b, h, L), float("-inf"), dtype=acc)
-    return out, lse
+    return run.result()  # no visible key anywhere (e.g. an all-False block-sparse layout): out 0, lse -inf
 
 
-def _fresh(t: Tensor, dtype: torch.dtype) -> Tensor:
-    # A kernel's fresh gradient as a contiguous accumulator (no copy when it already is one).
-    if t.dtype == dtype and t.is_contiguous():
-        return t
-    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)  # one pass: cast and re-layout
-
-
-def _ring_backward(dout, q, k, v, out, lse, delta, group, plan: RingPlan, scale):
-    """Returns dq ``[B, L, H, D]`` in the accumulation dtype and dk, dv ``[B, L, Hkv, D]`` in k's dtype."""
-    L = q.shape[1]
+def _ring_backward(dout, q, k, v, out, lse, delta, group, plan: RingPlan, scale, merge: str = "auto"):
+    """Returns dq ``[B, L, H, D]`` in q's dtype and dk, dv ``[B, L, Hkv, D]`` in k's dtype."""
     acc = torch.promote_types(q.dtype, torch.float32)
+    impl = merge_impl(merge, q)
     kv_comm, dkv_comm = RingComm(group), RingComm(group)
-    dq = None
+    dq = RunningSum(q.shape, q.dtype, q.device, impl)
+    final_at = _last_call(plan)
+    # Every rank receives its neighbour's dK/dV into buffers shaped like what it sends itself, so the dtype
+    # of each hop must agree everywhere: k's on the last; after step 0 of a classic plan (one call over all
+    # keys on every rank, one backend) the kernel's own gradient, exact, half the bytes of fp32 and no cast
+    # pass; fp32 otherwise.
+    classic = bool(plan.calls[0]) and plan.calls[0][0].classic is not None
     kv, dkv_handle = [k, v], None
     last = plan.steps - 1
     for step in range(plan.steps):
         kv_handle = kv_comm.send_recv(kv) if step < last else None
-        calls = list(zip(plan.calls[step], plan.masks[step], plan.records[step]))
-        # This rank's contributions to the held block's dK/dV go to fresh buffers, so the accumulators
-        # arriving from the previous rank are needed only after the compute (their transfer overlaps
-        # it). One call over all keys needs no zero-filled buffer: its result is the contribution.
-        fused_any = any(r.ring_accumulators and acc == torch.float32 for _, _, r in calls)
-        direct = not fused_any and len(calls) == 1 and calls[0][0].k_start == 0 and calls[0][0].k_len == L
-        if not calls and dkv_handle is not None:
-            dk, dv = dkv_handle.wait()  # nothing to add here: pass the arriving accumulators on
-            dkv_handle = None
-        else:
-            dk, dv = (None, None) if direct else (torch.zeros(t.shape, dtype=acc, device=q.device) for t in kv)
-        for c, lm, record in calls:
+        # This rank's contributions to the held block's dK/dV are summed apart from the accumulators
+        # arriving from the previous rank, so those are needed only after the compute (their transfer
+        # overlaps it), then added in one pass.
+        sums = [RunningSum(t.shape, t.dtype, t.device, impl) for t in kv]
+        calls = zip(plan.calls[step], plan.masks[step], plan.records[step])
+        for i, (c, lm, record) in enumerate(calls):
             qs, ks = slice(c.q_start, c.q_start + c.q_len), slice(c.k_start, c.k_start + c.k_len)
-            fused = record.ring_accumulators and acc == torch.float32  # kernel adds into fp32 buffers in place
-            if dq is None and (fused or not (c.q_start == 0 and c.q_len == L)):
-                dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-            dq_view = None if dq is None else dq[:, qs]  # strided views, unit last stride
-            dk_view, dv_view = (None, None) if dk is None else (dk[:, ks], dv[:, ks])
-            extra = dict(dq_acc=dq_view, dk_acc=dk_view, dv_acc=dv_view) if fused else {}
+            extra = {}
+            if record.ring_accumulators and acc == torch.float32:  # the kernel adds into fp32 views in place
+                extra = dict(dq_acc=dq.buffer()[:, qs], dk_acc=sums[0].buffer()[:, ks], dv_acc=sums[1].buffer()[:, ks])
             if record.takes_delta:
                 extra["delta"] = delta[:, :, qs]
             dq_b, dk_b, dv_b = record.backward(dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs],
                                                lse[:, :, qs], lm, softmax_scale=scale, **extra)
             # A kernel that added into the given views returns them; otherwise add its fresh results.
-            if dq is None:
-                dq = _fresh(dq_b, acc)
-            elif dq_b is not dq_view:
-                dq_view += dq_b
-            if dk is None:
-                dk, dv = _fresh(dk_b, acc), _fresh(dv_b, acc)
-            elif dk_b is not dk_view:
-                dk_view += dk_b
-                dv_view += dv_b
-        if dkv_handle is not None:
-            dk_in, dv_in = dkv_handle.wait()
-            dk += dk_in
-            dv += dv_in
+            if dq_b is not extra.get("dq_acc"):
+                dq.add(dq_b, c.q_start, final=(step, i) == final_at)
+            if dk_b is not extra.get("dk_acc"):
+                sums[0].add(dk_b, c.k_start)
+                sums[1].add(dv_b, c.k_start)
+        incoming = dkv_handle.wait() if dkv_handle is not None else (None, None)
         if kv_handle is not None:
             kv = kv_handle.wait()
-        if step == last:
-            # The sums are complete: round to k's dtype now, which the result gets anyway, so the
-            # hop that takes them home (the one transfer nothing overlaps) carries half the bytes.
-            dk, dv = dk.to(k.dtype), dv.to(k.dtype)
+        # Complete sums are rounded to k's dtype now, which the result gets anyway, so the hop that takes
+        # them home (the one transfer nothing overlaps) carries half the bytes.
+        dtype = k.dtype if step == last else (None if step == 0 and classic else acc)
+        dk, dv = (s.added_to(a, dtype).contiguous() for s, a in zip(sums, incoming))  # a kernel's own may be strided
         # The accumulators travel with their K/V block; after the last step the block of rank
         # r - last is complete and goes straight home (shift -last; -(N-1) is the next rank).
         dkv_handle = dkv_comm.send_recv([dk, dv], shift=-last if step == last else 1)
     dk, dv = dkv_handle.wait()
-    if dq is None:
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    return dq, dk, dv
+    return dq.result(), dk, dv
 
 
 class RingAttentionFn(torch.autograd.Function):
     """Ring forward/backward on local shards; saves q, k, v, out (q's dtype) and the global lse."""
 
     @staticmethod
-    def forward(ctx, q, k, v, group, plan, scale):
+    def forward(ctx, q, k, v, group, plan, scale, merge="auto"):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the ring sends whole tensors
-        out, lse = _ring_forward(q, k, v, RingComm(group), plan, scale)
-        out = out.to(q.dtype)
+        out, lse = _ring_forward(q, k, v, RingComm(group), plan, scale, merge)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (group, plan, scale)
+        ctx.args = (group, plan, scale, merge)
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        group, plan, scale = ctx.args
+        group, plan, scale, merge = ctx.args
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
         delta = backward_delta([r for rs in plan.records for r in rs], dout, out, dlse)
-        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, delta, group, plan, scale)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, delta, group, plan, scale, merge)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 def ring_attention_with_lse(
@@ -246,6 +225,7 @@ def ring_attention_with_lse(
     validate: bool = True,
     mask: Optional[Mask] = None,
     plan: Optional[RingPlan] = None,
+    merge: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Exact attention over the sequence sharded across ``group`` by ``layout``, with its lse.
 
@@ -257,7 +237,9 @@ def ring_attention_with_lse(
     ``backend`` the local kernel (``"auto"`` picks per call, see the registry); ``validate`` gathers
     the shapes of every rank first (one tiny all_gather and a host sync) so bad input raises everywhere
     instead of hanging; ``plan`` a :func:`~seqpar.parallel.ring_plan.build_plan` result to reuse
-    (the same mask and shapes; what :func:`make_ring_attn_fn` does across layers).
+    (the same mask and shapes; what :func:`make_ring_attn_fn` does across layers); ``merge`` the per-step
+    merge/accumulation passes: ``"auto"`` the fused Triton kernels on CUDA (the torch reference elsewhere),
+    ``"torch"`` the reference, ``"triton"`` the kernels (on CPU only under ``TRITON_INTERPRET=1``).
     Returns out ``[B, L, H, D]`` (q's dtype) and lse ``[B, H, L]`` (fp32, fp64 for fp64 inputs;
     natural log; -inf with out 0 for a row that sees no key). Differentiable in q, k, v (and through
     lse for the torch/triton backends).
@@ -266,13 +248,14 @@ def ring_attention_with_lse(
     (doc ids of another shape, a block-sparse layout of another size) or that the backend cannot express.
     """
     mask = ring_mask(causal, mask)
+    merge_impl(merge, q)  # an unknown or unusable merge raises here, on every rank, before any comms
     if validate:
         validate_inputs(q, k, v, group, layout)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if plan is None:
         rank, n = _coords(group)
         plan = build_plan(q, k, mask=mask, causal=causal, layout=layout, rank=rank, world_size=n, backend=backend)
-    return RingAttentionFn.apply(q, k, v, group, plan, scale)
+    return RingAttentionFn.apply(q, k, v, group, plan, scale, merge)
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
@@ -281,7 +264,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
 
 
 def make_ring_attn_fn(group=None, layout: str = "zigzag", backend: str = "auto",
-                      validate: str = "always") -> Callable[..., Tensor]:
+                      validate: str = "always", merge: str = "auto") -> Callable[..., Tensor]:
     """The model's injected attention, ``attn_fn(q, k, v, *, causal, softmax_scale, mask=None) -> out [B, L, H, D]``.
 
     The ring plan of a ``Mask`` is built once and reused while the same Mask object comes back (the
@@ -289,10 +272,13 @@ def make_ring_attn_fn(group=None, layout: str = "zigzag", backend: str = "auto",
 
     ``validate="always"`` checks shapes across ranks on every call (a host sync per layer);
     ``"first"`` only the first time each shape signature is seen, which is safe while every rank sees
-    the same sequence of shapes (a fixed ``seq_len``), and ``"never"`` skips it.
+    the same sequence of shapes (a fixed ``seq_len``), and ``"never"`` skips it. ``merge`` as in
+    :func:`ring_attention_with_lse`.
     """
     if validate not in ("always", "first", "never"):
         raise ValueError(f"validate={validate!r} is not one of ['always', 'first', 'never'].")
+    if merge not in MERGE_IMPLS:
+        raise ValueError(f"merge={merge!r} is not one of {list(MERGE_IMPLS)}.")
     seen: set = set()
     last: list = [None, None, None]  # (mask, key, plan) of the previous call: every layer shares one Mask
 
@@ -310,7 +296,7 @@ def make_ring_attn_fn(group=None, layout: str = "zigzag", backend: str = "auto",
                               world_size=n, backend=backend)
             last[:] = [mask, key, plan]
         out = ring_attention(q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, layout=layout,
-                             backend=backend, validate=False, mask=mask, plan=plan)
+                             backend=backend, validate=False, mask=mask, plan=plan, merge=merge)
         seen.add(key)
         return out
 

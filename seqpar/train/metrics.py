@@ -5,6 +5,10 @@ FLOPs per token follow the PaLM / Megatron convention, counted for forward + bac
     6 * N_matmul                        (every weight matrix: 2 FLOPs per multiply-add, x3 for fwd+bwd)
   + 6 * n_layers * dim * seq_len        (attention scores and weighted sum, causal: half of 12*L*d*S)
 
+With a structured mask (packed documents under ``data.doc_mask``, ``model.window``/``sinks``) the
+attention term is ``12 * n_layers * dim * K``, K = the mean number of keys a query sees in the step's
+batches (:func:`mean_visible_keys`): the work a tile-skipping kernel does, not the dense causal count.
+
 ``N_matmul`` counts the attention, MLP and output-projection weights (not the input embedding, a
 gather). MFU = achieved FLOP/s per device / the device's dense bf16 peak. Activation recomputation
 is not counted (MFU, not HFU).
@@ -35,6 +39,47 @@ def peak_tflops(device: torch.device, override: float = 0.0) -> float:
         if key in name:
             return val
     return 0.0
+
+
+def mean_visible_keys(doc_ids: Optional[torch.Tensor], seq_len: int, *, causal: bool = True,
+                      window: Optional[int] = None, sinks: int = 0) -> Optional[float]:
+    """Mean keys per query of a ``[B, S]`` batch under documents / window / sinks (exact, O(S) on the
+    host), or None when the mask is plain causal/full (the dense count applies)."""
+    if doc_ids is None and window is None:
+        return None
+    from seqpar.ops.attention.mask import Mask
+    from seqpar.parallel.ring_plan import visible_keys_per_query
+
+    mask = Mask(causal=causal, window=window, sinks=sinks, doc_ids=doc_ids)
+    batch = doc_ids.shape[0] if doc_ids is not None else 1
+    return float(visible_keys_per_query(mask, batch, seq_len).double().mean())
+
+
+class FlopCounter:
+    """FLOPs per token of the steps since the last log line: the model's dense count, or, for a dense
+    Llama under a structured mask, the count from the batches' mean visible keys per query."""
+
+    def __init__(self, model, model_cfg, data_cfg, seq_len: int):
+        self.model, self.m, self.doc_mask, self.seq_len = model, model_cfg, data_cfg.doc_mask, seq_len
+        self.dense = model.flops_per_token(seq_len)
+        self.exact = model_cfg.arch == "llama" and model_cfg.attention == "dense"  # others: their own count
+        self._sum, self._n = 0.0, 0
+
+    def add_batch(self, batch: dict) -> None:
+        if not self.exact:
+            return
+        keys = mean_visible_keys(batch.get("doc_ids") if self.doc_mask else None, batch["tokens"].shape[1],
+                                 causal=self.m.causal, window=self.m.window, sinks=self.m.sinks)
+        if keys is not None:
+            self._sum, self._n = self._sum + keys, self._n + 1
+
+    def take(self) -> float:
+        """Per-token FLOPs of the batches added since the last call (the dense count if none had a mask)."""
+        if not self._n:
+            return self.dense
+        out = self.model.flops_per_token(self.seq_len, keys_per_query=self._sum / self._n)
+        self._sum, self._n = 0.0, 0
+        return out
 
 
 def peak_memory_gib(device: torch.device) -> float:

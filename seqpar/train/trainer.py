@@ -38,7 +38,7 @@ from seqpar.parallel.mesh import Mesh
 from seqpar.train.checkpoint import Checkpointer, load_init_state
 from seqpar.train.exit_codes import TrainingDiverged
 from seqpar.train.guard import NonFiniteGuard, weights_finite
-from seqpar.train.metrics import MetricsLogger, format_eta, peak_memory_gib, peak_tflops
+from seqpar.train.metrics import FlopCounter, MetricsLogger, format_eta, peak_memory_gib, peak_tflops
 from seqpar.train.preemption import StopRequest
 from seqpar.train.preflight import preflight
 from seqpar.train.resolve import load_tokenizer, resolve_config
@@ -95,7 +95,7 @@ class Trainer:
             keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save, process_group=self.cpu_group)
         self.checkpointer.clean_stale()  # rank 0, under the run lock: leftovers of killed saves
         self.peak = peak_tflops(self.device, cfg.logging.peak_tflops)
-        self.flops_per_token = self.model.flops_per_token(cfg.train.seq_len)
+        self.flops = FlopCounter(self.model, cfg.model, cfg.data, cfg.train.seq_len)
         if cfg.checkpoint.resume:
             self._resume()
         if mesh.is_main:  # records after the resumed step were logged by the interrupted run: drop them
@@ -236,6 +236,7 @@ class Trainer:
         n_tokens = self._all_reduce(n_tokens, self.mesh.dp_group).clamp_min(1)
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         for batch in micro:
+            self.flops.add_batch(batch)
             loss_sum = self._loss_sum(batch)
             (loss_sum / n_tokens.float()).backward()
             total += loss_sum.detach().double()
@@ -362,7 +363,7 @@ class Trainer:
         mem = self._all_reduce(torch.tensor([peak_memory_gib(self.device)], device=self.device),
                                op=dist.ReduceOp.MAX).item()
         tps = tokens / max(dt, 1e-9)
-        tflops = self.flops_per_token * tps / self.mesh.world_size / 1e12  # per device
+        tflops = self.flops.take() * tps / self.mesh.world_size / 1e12  # per device, the mask's real work
         steps_left = self.cfg.train.steps - self.step
         sec_per_step = (time.time() - self.start_time) / max(1, self.step - first_step)
         rec = {"step": self.step, "loss": loss, "grad_norm": out["grad_norm"].item(),

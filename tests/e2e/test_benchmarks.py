@@ -174,3 +174,29 @@ def test_max_context_dry_run_end_to_end(tmp_path):
         assert all(h["seq_len"] > res[name]["max_seq_len"] for h in res[name]["history"] if not h["ok"])
     assert data["bpt_multiplier"]["seqpar"] > 8
     assert any(p.endswith(".png") for p in os.listdir(tmp_path))
+
+
+def test_cp_modes_report_and_predictions(tmp_path):
+    """bench_cp_modes: efficiency against the same run's single-GPU row of the same kernel and KV heads,
+    torch CP against cuDNN; the prediction comes from seqpar.parallel.cost for the measured shape."""
+    modes = pytest.importorskip("bench_cp_modes")
+    s = 32768
+    t = lambda ms, w: modes.flops(s) / w / (ms * 1e-3) / 1e12
+    row = lambda mode, kernel, w, kv, ms, err=None: dict(
+        mode=mode, kernel=kernel, world_size=w, seq=s, kv_heads=kv, ms=ms, error=err, peak_gib=1.0,
+        tflops_per_gpu=None if err else t(ms, w), predicted=modes.predicted(mode, kernel, w, s, kv))
+    rows = [row("single", "sdpa_cudnn", 1, 32, 40.0), row("single", "sdpa_cudnn", 1, 8, 38.0),
+            row("ulysses", "sdpa_cudnn", 2, 32, 21.0), row("ring", "sdpa_cudnn", 2, 8, 22.0),
+            row("torch_cp", "cudnn+allgather", 2, 32, 24.0), row("allgather", "sdpa_cudnn", 2, 32, None, "ValueError")]
+    md = modes.write(str(tmp_path), {"device": "NVIDIA H200", "gpus": 2, "torch": "t", "date": "2026-11-28 19:00 UTC"},
+                     rows)
+    assert rows[2]["efficiency"] == pytest.approx(40.0 / (2 * 21.0))
+    assert rows[3]["efficiency"] == pytest.approx(38.0 / (2 * 22.0))  # GQA row against the GQA single row
+    assert rows[4]["efficiency"] == pytest.approx(40.0 / (2 * 24.0))  # torch CP against cuDNN
+    assert rows[5]["efficiency"] is None and "ValueError" in md
+    assert rows[0]["predicted"] is None and 0.5 < rows[2]["predicted"] <= 1.05
+    from seqpar.parallel import cost
+
+    shape, cl = cost.AttnShape(seq_len=s, heads=32, kv_heads=8), cost.Cluster(gpus=2, kernel="sdpa_cudnn")
+    assert rows[3]["predicted"] == pytest.approx(cost.ideal_time(shape, cl) / cost.mode_time("ring", shape, cl)["time"])
+    assert json.load(open(tmp_path / "cp_modes_NVIDIA-H200_x2_2026-11-28.json"))["rows"][2]["mode"] == "ulysses"

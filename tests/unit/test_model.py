@@ -91,6 +91,31 @@ def test_flops_per_token_formula(tie):
     assert model.flops_per_token(S, causal=False) == 6 * n_matmul + 12 * c.n_layers * c.dim * S
 
 
+def test_flops_follow_the_mask():
+    """Documents and windows count the pairs a query sees (MFU is not inflated by masked work)."""
+    from types import SimpleNamespace
+
+    from seqpar.train.metrics import FlopCounter
+
+    model = tiny_model(torch.float32)
+    c, S = model.cfg, 96
+    dense = model.flops_per_token(S)
+    ids = torch.tensor([[0] * 40 + [1] * 50 + [2] * 6])  # documents of 40, 50 and 6 tokens
+    keys = sum(n * (n + 1) / 2 for n in (40, 50, 6)) / S
+    fc = FlopCounter(model, SimpleNamespace(arch="llama", attention="dense", causal=True, window=None, sinks=0),
+                     SimpleNamespace(doc_mask=True), S)
+    fc.add_batch({"tokens": torch.zeros(1, S), "doc_ids": ids})
+    assert fc.take() == pytest.approx(dense - 6 * c.n_layers * c.dim * S + 12 * c.n_layers * c.dim * keys)
+    assert fc.take() == dense  # nothing added since: the dense count
+    # window 8 with 2 sinks, one document: row i sees min(i, 8) + 1 keys plus the sinks left of its window
+    win = sum(min(i, 8) + 1 + max(0, min(2, i - 8)) for i in range(S)) / S
+    fc = FlopCounter(model, SimpleNamespace(arch="llama", attention="dense", causal=True, window=8, sinks=2),
+                     SimpleNamespace(doc_mask=False), S)
+    fc.add_batch({"tokens": torch.zeros(1, S), "doc_ids": ids})
+    assert fc.take() == pytest.approx(model.flops_per_token(S, keys_per_query=win))
+    assert model.flops_per_token(S, keys_per_query=S / 2) == dense
+
+
 def test_init_scales_and_determinism():
     cfg = ModelConfig(vocab_size=64, dim=128, n_layers=8, n_heads=4, init_std=0.02)
     model = Llama(cfg, attn_fn=naive_attention)
