@@ -72,6 +72,11 @@ class Config:
                 f"lora.s2_group_ratio={self.lora.s2_group_ratio} x train.seq_len={self.train.seq_len} gives "
                 f"S2-Attn groups of {group} tokens; it must be an even number >= 2 (the shift is half a group).",
             )
+        check(
+            not self.train.deterministic or self.parallel.attention_backend in ("triton", "torch"),
+            f"train.deterministic=true needs parallel.attention_backend=triton (or torch), not "
+            f"{self.parallel.attention_backend}: the SDPA kernels' backward is not reproducible bit for bit.",
+        )
         cp, layout = self.parallel.cp, self.parallel.layout
         need = required_multiple(cp, layout)  # the layout module's rule, so config and sharding agree
         check(

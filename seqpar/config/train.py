@@ -54,6 +54,10 @@ class TrainConfig:
     dry_run: bool = False  # validate, print the mesh and a per-GPU memory estimate, exit (train.py --dry-run)
     stop_file: Optional[str] = None  # when this file appears, checkpoint and exit (slurm/seqpar.sbatch sets it)
     max_bad_steps: int = 3  # NaN guard: more consecutive non-finite (skipped) steps stop the run (seqpar.train.guard)
+    # Bitwise-reproducible steps on a GPU (the same run twice, or interrupted + resumed, gives the same
+    # losses): torch's deterministic algorithms, cuBLAS' fixed workspace, the Triton kernel's dQ without
+    # atomics. Needs parallel.attention_backend=triton (or torch); costs a few percent.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         check(self.max_bad_steps >= 0, f"train.max_bad_steps={self.max_bad_steps} must be >= 0 (0: stop at the first).")

@@ -7,6 +7,7 @@ device is picked (``seqpar.parallel.mesh.pick_device``).
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 
@@ -33,7 +34,20 @@ def check_attention_backend(cfg: Config, device: torch.device, dtype: torch.dtyp
         raise ConfigError(f"parallel.attention_backend={cfg.parallel.attention_backend} cannot run here: {e}") from None
 
 
+def set_determinism(enabled: bool) -> None:
+    """``train.deterministic``: torch's deterministic algorithms (the Triton kernel then computes dQ without
+    atomics, embedding backward without atomics), cuDNN's deterministic convolutions, and cuBLAS' fixed
+    workspace (read when its handle is created: before the first matmul, which is why this runs here)."""
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+
+
 def preflight(cfg: Config, device: torch.device, dtype: torch.dtype) -> None:
-    """Every machine-dependent user-error check, before anything is built. Raises ConfigError."""
+    """Every machine-dependent user-error check, before anything is built (and ``train.deterministic``'s
+    process settings, which must precede the first kernel). Raises ConfigError."""
     check_wandb(cfg)
     check_attention_backend(cfg, device, dtype)
+    set_determinism(cfg.train.deterministic)

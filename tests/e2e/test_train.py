@@ -72,6 +72,21 @@ def test_config_validation_errors_name_the_field():
         Config(parallel=ParallelConfig(cp=4), train=TrainConfig(seq_len=100))
     with pytest.raises(ConfigError, match="parallel.cp"):
         ParallelConfig(cp=3).resolve(4)
+    with pytest.raises(ConfigError, match="attention_backend=triton"):
+        Config(train=TrainConfig(deterministic=True), parallel=ParallelConfig(attention_backend="sdpa_cudnn"))
+
+
+@pytest.mark.timeout(120)
+def test_deterministic_flag_sets_the_process_up():
+    """train.deterministic turns torch's deterministic algorithms on before the model is built (a child
+    process: the setting is global) and the Triton kernel's dQ mode follows it."""
+    code = ("import torch; from seqpar.train.preflight import set_determinism; "
+            "from seqpar.ops.attention.triton.function import default_dq_mode; import os; "
+            "assert default_dq_mode(64) == 'atomic'; set_determinism(True); "
+            "assert torch.are_deterministic_algorithms_enabled() and os.environ['CUBLAS_WORKSPACE_CONFIG']; "
+            "assert default_dq_mode(64) == 'kernel'; print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
 def _train_py(*overrides, tmp_path):
