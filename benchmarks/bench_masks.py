@@ -79,12 +79,15 @@ def plan_rows(seqs, world_sizes, window: int, torch_cp: bool) -> list[dict]:
     rows = []
     for seq in seqs:
         for ws in world_sizes:
-            combos = [("causal", "zigzag"), ("docs", "docs"), ("docs", "zigzag"), ("window", "contiguous")]
-            for kind, layout in combos:
-                rows.append(dict(mask=kind, layout=layout, method="ring", seq=seq, ws=ws))
+            # the masked rows run on the kernel auto picks for them (Triton: cuDNN/flash take no masks), so the
+            # dense baseline is the causal row on Triton; the cuDNN causal row shows the fastest dense kernel
+            combos = [("causal", "zigzag", "auto"), ("causal", "zigzag", "triton"), ("docs", "docs", "auto"),
+                      ("docs", "zigzag", "auto"), ("window", "contiguous", "auto")]
+            for kind, layout, backend in combos:
+                rows.append(dict(mask=kind, layout=layout, method="ring", backend=backend, seq=seq, ws=ws))
             if torch_cp and ws > 1:
                 for kind in ("causal", "docs", "window"):
-                    rows.append(dict(mask=kind, layout="ptrr", method="torch_cp_flex", seq=seq, ws=ws))
+                    rows.append(dict(mask=kind, layout="ptrr", method="torch_cp_flex", backend="flex", seq=seq, ws=ws))
     return rows
 
 
@@ -109,9 +112,10 @@ def _ring_step(row, mask, group, device):
     from seqpar.parallel.ring_plan import build_plan
 
     r, n = (dist.get_rank(group), ws) if group is not None else (0, 1)
-    plan = build_plan(q, k, mask=dev_mask, causal=False, layout=layout, rank=r, world_size=n, backend="auto")
+    be = row.get("backend", "auto")
+    plan = build_plan(q, k, mask=dev_mask, causal=False, layout=layout, rank=r, world_size=n, backend=be)
     return (lambda: ring_attention(q, k, v, group=group, mask=dev_mask, layout=layout, validate=False,
-                                   plan=plan).sum().backward()), (q, k, v)
+                                   plan=plan, backend=be).sum().backward()), (q, k, v)
 
 
 def _torch_cp_step(row, mask, mesh, device):
@@ -147,12 +151,14 @@ def _torch_cp_step(row, mask, mesh, device):
 
 
 def block_ms(window: int, device, warmup: int, iters: int) -> float:
-    """One dense W x W block (fwd+bwd) on one GPU: the unit of the window's linear-time target."""
+    """One dense W x W block (fwd+bwd) on one GPU, on the kernel the window rows use (Triton): the unit of
+    the window's linear-time target."""
     from seqpar.ops import attention
 
     q, k, v = (torch.randn(1, window, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
-    return time_fwd_bwd(lambda: attention(q, k, v).sum().backward(), (q, k, v), None, warmup, iters)
+    return time_fwd_bwd(lambda: attention(q, k, v, backend="triton").sum().backward(), (q, k, v), None, warmup,
+                        iters)
 
 
 def derive(rows: list, window: int, t_block: float | None) -> list:
@@ -160,16 +166,19 @@ def derive(rows: list, window: int, t_block: float | None) -> list:
     for r in rows:
         ms = r.get("ms")
         r["tflops"] = visible_flops(r["pairs"]) / r["ws"] / (ms * 1e-3) / 1e12 if ms else None
-    dense = {(r["seq"], r["ws"], r["method"]): r["tflops"] for r in rows if r["mask"] == "causal"}
-    for r in rows:  # the same method's causal row; seqpar's ring for torch_cp when its own causal row failed
-        base = dense.get((r["seq"], r["ws"], r["method"])) or dense.get((r["seq"], r["ws"], "ring"))
+    dense = {(r["seq"], r["ws"], r["method"], r.get("backend", "auto")): r["tflops"] for r in rows
+             if r["mask"] == "causal"}
+    for r in rows:  # the same kernel's causal row (seqpar: Triton; torch CP: its own Flex row, else the ring's)
+        own = (r["seq"], r["ws"], r["method"], "flex" if r["method"] != "ring" else "triton")
+        base = dense.get(own) or dense.get((r["seq"], r["ws"], "ring", "triton"))
         r["vs_dense"] = r["tflops"] / base if r.get("tflops") and base else None
         if r["mask"] == "window" and r.get("ms") and t_block:
             r["vs_blocks"] = r["ms"] / (r["seq"] / window * t_block / r["ws"])
     return rows
 
 
-COLUMNS = [("mask", "mask", ""), ("layout", "layout", ""), ("method", "method", ""), ("tokens", "seq", ","),
+COLUMNS = [("mask", "mask", ""), ("layout", "layout", ""), ("method", "method", ""), ("kernel", "backend", ""),
+           ("tokens", "seq", ","),
            ("GPUs", "ws", ""), ("ms", "ms", ".1f"), ("eff. TFLOP/s/GPU", "tflops", ".1f"), ("vs dense", "vs_dense", ".2f"),
            ("imbalance", "imbalance", ".3f"), ("ring steps", "steps", ""), ("vs blocks", "vs_blocks", ".2f"),
            ("status", "status", "")]
@@ -194,6 +203,9 @@ def main():
     groups = {w: dist.new_group(list(range(w))) for w in wss}  # every rank creates every group
     rows = plan_rows(seqs, wss, a.window, not a.no_torch_cp)
     docs = {seq: stdlib_doc_ids(seq) for seq in seqs}
+    t_block = block_ms(a.window, device, a.warmup, a.iters)
+    meta = environment()
+    name = stem("masks", meta, world)
     for row in rows:
         row.update(masked_work(row, a.window, docs[row["seq"]] if row["mask"] == "docs" else None))
         if rank < row["ws"]:
@@ -214,11 +226,13 @@ def main():
         dist.all_reduce(ms, op=dist.ReduceOp.MAX)  # the slowest rank (nan: failed somewhere)
         row["ms"] = None if ms.isnan().item() else ms.item()
         row.setdefault("status", "ok" if row["ms"] else "failed")
-    t_block = block_ms(a.window, device, a.warmup, a.iters)
+        if rank == 0:  # after every row: a run cut short keeps what it measured
+            done = derive([r for r in rows if "status" in r], a.window, t_block)
+            print({k: row.get(k) for k in ("mask", "layout", "backend", "seq", "ws", "ms", "status")}, flush=True)
+            write_outputs(a.out, name, meta, {"rows": done, "window": a.window, "block_ms": t_block},
+                          markdown_table(done, COLUMNS))
     derive(rows, a.window, t_block)
     if rank == 0:
-        meta = environment()
-        name = stem("masks", meta, world)
         md = markdown_table(rows, COLUMNS)
         write_outputs(a.out, name, meta, {"rows": rows, "window": a.window, "block_ms": t_block}, md)
         line_plot(os.path.join(a.out, name + "_time.png"),
