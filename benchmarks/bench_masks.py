@@ -107,15 +107,18 @@ def _ring_step(row, mask, group, device):
     g = torch.Generator(device=device).manual_seed(0)
     mk = lambda: torch.randn(1, seq, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=g)
     ids = mask.doc_ids
-    q, k, v = (shard_sequence(mk(), 1, group=group, layout=layout, doc_ids=ids).requires_grad_() for _ in range(3))
+    r, n = (dist.get_rank(group), ws) if group is not None else (0, 1)
+    # ws=1: the whole sequence on this GPU (a ring of one), not this rank's shard of the launched world
+    sh = lambda t: shard_sequence(t, 1, rank=r, world_size=n, layout=layout, doc_ids=ids) if n > 1 else t
+    q, k, v = (sh(mk()).requires_grad_() for _ in range(3))
+    dout = sh(mk())  # a real gradient: `.sum().backward()` feeds a stride-0 tensor of ones some kernels read faster
     dev_mask = Mask(causal=mask.causal, window=mask.window, doc_ids=None if ids is None else ids.to(device))
     from seqpar.parallel.ring_plan import build_plan
 
-    r, n = (dist.get_rank(group), ws) if group is not None else (0, 1)
     be = row.get("backend", "auto")
     plan = build_plan(q, k, mask=dev_mask, causal=False, layout=layout, rank=r, world_size=n, backend=be)
     return (lambda: ring_attention(q, k, v, group=group, mask=dev_mask, layout=layout, validate=False,
-                                   plan=plan, backend=be).sum().backward()), (q, k, v)
+                                   plan=plan, backend=be)), (q, k, v), dout
 
 
 def _torch_cp_step(row, mask, mesh, device):
@@ -141,13 +144,13 @@ def _torch_cp_step(row, mask, mesh, device):
 
     module = parallelize_module(Flex(), mesh, _ContextParallel(seq_dim=2,
                                                                attention_type=_ContextParallel.AttentionType.FLEX))
-    block_mask = create_block_mask(mask_mod, 1, 1, seq, seq, device=device)
+    block_mask = create_block_mask(mask_mod, 1, 1, seq, seq, device=device, _compile=True)  # no [S, S] tensor
     mk = lambda: torch.randn(1, HEADS, seq, HEAD_DIM, device=device, dtype=torch.bfloat16)
     q, k, v, bm = _context_parallel_shard(mesh, [mk(), mk(), mk(), block_mask], [2, 2, 2, 2],
                                           load_balancer=_PTRRLoadBalancer(block_mask, row["ws"]))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     fn = torch.compile(module)
-    return (lambda: fn(q, k, v, block_mask=bm).sum().backward()), (q, k, v)
+    return (lambda: fn(q, k, v, block_mask=bm)), (q, k, v), torch.randn_like(q)
 
 
 def block_ms(window: int, device, warmup: int, iters: int) -> float:
@@ -157,8 +160,7 @@ def block_ms(window: int, device, warmup: int, iters: int) -> float:
 
     q, k, v = (torch.randn(1, window, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
-    return time_fwd_bwd(lambda: attention(q, k, v, backend="triton").sum().backward(), (q, k, v), None, warmup,
-                        iters)
+    return time_fwd_bwd(lambda: attention(q, k, v, backend="triton"), (q, k, v), torch.randn_like(q), warmup, iters)
 
 
 def derive(rows: list, window: int, t_block: float | None) -> list:
@@ -212,12 +214,12 @@ def main():
             mask = mask_for(row["mask"], row["seq"], a.window, docs.get(row["seq"]))
             try:
                 if row["method"] == "ring":
-                    step, leaves = _ring_step(row, mask, groups[row["ws"]] if row["ws"] > 1 else None, device)
+                    step, leaves, dout = _ring_step(row, mask, groups[row["ws"]] if row["ws"] > 1 else None, device)
                 else:
                     from torch.distributed.device_mesh import init_device_mesh
 
-                    step, leaves = _torch_cp_step(row, mask, init_device_mesh("cuda", (row["ws"],)), device)
-                row["ms"] = time_fwd_bwd(step, leaves, None, a.warmup, a.iters)
+                    step, leaves, dout = _torch_cp_step(row, mask, init_device_mesh("cuda", (row["ws"],)), device)
+                row["ms"] = time_fwd_bwd(step, leaves, dout, a.warmup, a.iters)
             except Exception as exc:  # noqa: BLE001  (a row that fails is reported, the run goes on)
                 row["ms"], row["status"] = None, ("OOM" if "out of memory" in str(exc).lower()
                                                   else f"{type(exc).__name__}: {exc}"[:200])

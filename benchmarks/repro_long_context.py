@@ -171,7 +171,9 @@ def evaluate(args, trained: dict, device: str) -> tuple[list, dict, dict]:
     print(f"h2o: {time.time() - t:.1f}s", flush=True)
 
     t = time.time()
-    rows += ev.extension_eval(model, ev.segments(stream, B, max(args.factors) * L, device), L, args.factors, L // 2)
+    longest = max(args.factors) * L  # as many rows of the longest length as the held-out stream holds (<= B)
+    rows += ev.extension_eval(model, ev.segments(stream, max(1, min(B, len(stream) // longest)), longest, device), L,
+                              args.factors, L // 2)
     seconds["extension"] = time.time() - t
     print(f"extension: {time.time() - t:.1f}s", flush=True)
     return rows, curves, seconds

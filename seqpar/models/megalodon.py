@@ -149,6 +149,8 @@ class MegalodonBlock(nn.Module):
         """Chunk-wise causal attention, temperature 1 (Sec. 3.3): ``[B, S, H, Dz|Dv] -> [B, S, H, Dv]``."""
         D = max(self.z_head, self.v_head)
         pad = lambda t: F.pad(t, (0, D - t.shape[-1])) if t.shape[-1] < D else t  # zeros: q.k and out unchanged
+        # q/k come out of the fp32 normalisation, v out of an autocast matmul: one dtype for the kernel (v's)
+        q, k = q.to(v.dtype), k.to(v.dtype)
         out = self.attn_fn(pad(q), pad(k), pad(v), causal=False, softmax_scale=1.0, mask=mask)
         return out[..., :self.v_head]
 

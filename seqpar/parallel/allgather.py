@@ -1,31 +1,43 @@
 """All-gather-KV context parallelism (Llama 3's scheme): every rank gathers the whole sequence's K/V and
-attends its own queries to the visible part of it.
+attends its own queries to the visible part of it, one head slice at a time so the transfers hide behind
+the kernels.
 
-K/V travel un-expanded (``[B, L, Hkv, D]`` per rank, one all-gather each; the backward reduce-scatters
-dK/dV, :func:`seqpar.parallel.collectives.gather_seq`). The gathered keys are put in global order; each run
-of this rank's queries (``layout.rank_pieces``: global positions ``start + stride * a``) is one kernel call
-against the key range it can see (causality, the window and the documents of its first and last query
-bound it; sinks or block-sparse only narrow it further inside the kernel), with the global
-:class:`~seqpar.ops.Mask` restricted by :meth:`Mask.local` to those positions. Every mask kind and every
-layout therefore run; no ring plan, no step skipping needed.
+Heads are cut into ``slices`` groups of consecutive KV heads, each with its query heads (GQA groups stay
+whole, so every slice is an independent attention problem and the result is that of ``slices=1``). K/V of
+a slice travel un-expanded (``[B, L, h, D]`` per rank, K and V in one collective,
+:class:`~seqpar.parallel.allgather_comm.KVSliceComm`):
 
-Not done: overlapping the gather of the next head slice with the compute of the current one (the gather
-runs first, then the kernels); the benchmark of issue 14 will tell whether it is worth it.
+* forward: the gather of slice ``i+1`` is launched before slice ``i`` computes; only slice 0's is exposed.
+* backward: K/V are gathered AGAIN per slice (pipelined the same way) rather than saved: saving them would
+  keep ``2 S Hkv D`` elements per layer (the whole sequence's K/V, ``N`` times the local shard) alive until
+  the backward; re-gathering costs one more hidden transfer. Slice ``i``'s dK/dV (fp32, global order)
+  are reduce-scattered asynchronously while slice ``i+1`` computes; only the last one is exposed. The
+  sum over ranks runs in fp32, one rounding to k's dtype at the owner.
+
+Within a slice, the gathered keys are put in global order; each run of this rank's queries
+(``layout.rank_pieces``: global positions ``start + stride * a``) is one kernel call against the key range it
+can see (causality, the window and the documents of its first and last query bound it; sinks or
+block-sparse only narrow it further inside the kernel), with the global :class:`~seqpar.ops.Mask`
+restricted by :meth:`Mask.local` to those positions. Every mask kind and every layout therefore run.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from seqpar.ops.attention import Mask
-from seqpar.parallel.collectives import gather_seq, group_rank, group_size
-from seqpar.parallel.kernel_call import kernel_attention
+from seqpar.ops.attention import LocalMask, Mask, select
+from seqpar.ops.attention.registry import backward_delta
+from seqpar.parallel.allgather_comm import KVSliceComm
+from seqpar.parallel.collectives import group_rank, group_size
 from seqpar.parallel.layout import rank_pieces
-from seqpar.parallel.ulysses import check_shapes, concat_positions
 from seqpar.parallel.ring_attention import ring_mask
+from seqpar.parallel.ulysses import check_shapes, concat_positions
+
+DEFAULT_SLICES = 4  # enough to hide all but a quarter of the gather; more only adds launches and latency
 
 
 def key_range(mask: Mask, first: int, last: int, seq_len: int, ids: Optional[Tensor] = None) -> tuple[int, int]:
@@ -46,28 +58,143 @@ def key_range(mask: Mask, first: int, last: int, seq_len: int, ids: Optional[Ten
     return lo, hi
 
 
-def _allgather(q, k, v, group, causal, mask, scale, layout, backend):
+def head_slices(n_heads: int, n_kv_heads: int, slices: Optional[int] = None) -> list[tuple[slice, slice]]:
+    """``(kv_heads, q_heads)`` index slices of each head slice: ``min(slices, n_kv_heads)`` groups of consecutive
+    KV heads (sizes differ by at most one), each with the query heads that read them (query head ``h`` reads
+    KV head ``h // (n_heads / n_kv_heads)``). ``slices=None``: ``min(4, n_kv_heads)``; 1: no overlap.
+    Raises ValueError for ``slices < 1``."""
+    if slices is None:
+        slices = DEFAULT_SLICES
+    if isinstance(slices, bool) or not isinstance(slices, int) or slices < 1:
+        raise ValueError(f"slices={slices!r} must be a positive integer (1: gather all heads at once, no overlap).")
+    count, g = min(slices, n_kv_heads), n_heads // n_kv_heads
+    bounds = [n_kv_heads * i // count for i in range(count + 1)]
+    return [(slice(a, b), slice(a * g, b * g)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+@dataclass
+class _Run:
+    """One kernel call of a slice: local queries ``[l0, l0 + length)`` against global keys ``[lo, hi)``."""
+    l0: int
+    length: int
+    lo: int
+    hi: int
+    lm: LocalMask
+
+
+@dataclass(frozen=True)
+class AllGatherPlan:
+    """What every slice repeats: the kernel calls and their backends (the same for every head slice: heads
+    do not enter the choice), the token permutations, the head slices."""
+    runs: list
+    records: list
+    order: Tensor      # [S] global position of each gathered token (rank order)
+    to_global: Tensor  # [S] inverse: gathered[:, to_global] is in global order
+    heads: list
+
+
+def build_plan(q: Tensor, k: Tensor, mask: Mask, group, layout: str, backend: str,
+               slices: Optional[int]) -> AllGatherPlan:
+    """The plan of this rank (host-side; identical inputs give identical plans). Raises the registry's
+    ValueError, before any communication, when ``backend`` cannot express a call."""
+    heads = head_slices(q.shape[2], k.shape[2], slices)
     n, rank = group_size(group), group_rank(group)
-    b, L, h, d = q.shape
-    s = n * L
-    mask = mask if mask is not None else Mask(causal=causal)
-    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    s = n * q.shape[1]
     order = concat_positions(s, range(n), n, layout, mask.doc_ids, q.device)
-    to_global = torch.argsort(order)
-    k_all, v_all = (gather_seq(t, group)[:, to_global] for t in (k, v))  # [B, S, Hkv, D] global order
     ids = None if mask.doc_ids is None else mask.doc_ids.detach().to("cpu", torch.int64).contiguous()
-    outs, lses, l0 = [], [], 0
+    runs, l0 = [], 0
     for start, length, stride in rank_pieces(s, rank, n, layout, mask.doc_ids):
         lo, hi = key_range(mask, start, start + stride * (length - 1), s, ids)
-        qp, kp, vp = q[:, l0:l0 + length], k_all[:, lo:hi], v_all[:, lo:hi]
-        lm = mask.local(start, length, lo, hi - lo, q_stride=stride, device=q.device)
-        o, lse = kernel_attention(qp, kp, vp, lm, softmax_scale=scale, backend=backend)
-        outs.append(o)
-        lses.append(lse)
+        runs.append(_Run(l0, length, lo, hi, mask.local(start, length, lo, hi - lo, q_stride=stride, device=q.device)))
         l0 += length
-    if len(outs) == 1:
-        return outs[0], lses[0]
-    return torch.cat(outs, dim=1), torch.cat(lses, dim=2)
+    # A zero-stride view stands in for the run's keys: the choice reads only their count, dtype and device.
+    records = [select(backend, q[:, r.l0:r.l0 + r.length], k[:, :1].expand(-1, r.hi - r.lo, -1, -1), r.lm)
+               for r in runs]
+    return AllGatherPlan(runs, records, order, torch.argsort(order), heads)
+
+
+def _gather(comm: KVSliceComm, k: Tensor, v: Tensor, plan: AllGatherPlan, i: int):
+    """Launch the gather of slice ``i`` (None past the last)."""
+    if i >= len(plan.heads):
+        return None
+    kv = plan.heads[i][0]
+    return comm.all_gather(k[:, :, kv], v[:, :, kv])
+
+
+def _forward(q, k, v, comm: KVSliceComm, plan: AllGatherPlan, scale: float):
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)  # [B, L, H, D]
+    lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.promote_types(q.dtype, torch.float32))
+    pending = _gather(comm, k, v, plan, 0)
+    for i, (_, hq) in enumerate(plan.heads):
+        nxt = _gather(comm, k, v, plan, i + 1)  # in flight while this slice computes
+        kv = pending.wait()[:, :, plan.to_global]  # [2, B, S, h, D] global order
+        qi = q[:, :, hq]
+        for r, record in zip(plan.runs, plan.records):
+            rows, keys = slice(r.l0, r.l0 + r.length), slice(r.lo, r.hi)
+            qr, kr, vr = (t.contiguous() for t in (qi[:, rows], kv[0][:, keys], kv[1][:, keys]))
+            o, l = record.forward(qr, kr, vr, r.lm, softmax_scale=scale)
+            out[:, rows, hq] = o
+            lse[:, hq, rows] = l
+        pending = nxt
+    return out, lse
+
+
+def _backward(dout, dlse, q, k, v, out, lse, comm: KVSliceComm, plan: AllGatherPlan, scale: float):
+    acc = torch.promote_types(k.dtype, torch.float32)
+    dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    pending, reducing = _gather(comm, k, v, plan, 0), None
+    for i, (hk, hq) in enumerate(plan.heads):
+        nxt = _gather(comm, k, v, plan, i + 1)
+        kv = pending.wait()[:, :, plan.to_global]  # [2, B, S, h, D] global order
+        qi, oi, gi, li = q[:, :, hq], out[:, :, hq], dout[:, :, hq], lse[:, hq]
+        delta = backward_delta(plan.records, gi, oi, None if dlse is None else dlse[:, hq])  # [B, h*G, L] or None
+        dkv = kv.new_zeros(kv.shape, dtype=acc)  # this rank's dK, dV of every key of the slice, fp32
+        for r, record in zip(plan.runs, plan.records):
+            rows, keys = slice(r.l0, r.l0 + r.length), slice(r.lo, r.hi)
+            extra = {} if delta is None else {"delta": delta[:, :, rows].contiguous()}
+            if record.ring_accumulators and acc == torch.float32:  # the kernel adds into fp32 views in place
+                extra.update(dk_acc=dkv[0][:, keys], dv_acc=dkv[1][:, keys])
+            dq_r, dk_r, dv_r = record.backward(
+                *(t[:, rows].contiguous() for t in (gi, qi)), kv[0][:, keys].contiguous(), kv[1][:, keys].contiguous(),
+                oi[:, rows].contiguous(), li[:, :, rows].contiguous(), r.lm, softmax_scale=scale, **extra)
+            dq[:, rows, hq] = dq_r  # every local query is in exactly one run
+            if dk_r is not extra.get("dk_acc"):
+                dkv[0][:, keys] += dk_r
+                dkv[1][:, keys] += dv_r
+        started = comm.reduce_scatter(dkv[:, :, plan.order])  # rank order; sums while the next slice computes
+        if reducing is not None:
+            _store(reducing, dk, dv)
+        reducing, pending = (started, hk), nxt
+    _store(reducing, dk, dv)
+    return dq, dk, dv
+
+
+def _store(reducing, dk: Tensor, dv: Tensor) -> None:
+    started, hk = reducing
+    mine = started.wait()  # [2, B, L, h, D]: every rank's gradient of this rank's keys, summed
+    dk[:, :, hk] = mine[0]
+    dv[:, :, hk] = mine[1]
+
+
+class AllGatherAttentionFn(torch.autograd.Function):
+    """Sliced all-gather forward/backward on local shards; saves q, k, v, out and lse (local sizes only)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, group, plan, scale):
+        comm = KVSliceComm(group)
+        out, lse = _forward(q, k, v, comm, plan, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (comm, plan, scale)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        comm, plan, scale = ctx.args
+        dout = torch.zeros_like(out) if dout is None else dout
+        dq, dk, dv = _backward(dout, dlse, q, k, v, out, lse, comm, plan, scale)
+        return dq, dk, dv, None, None, None
 
 
 def allgather_attention_with_lse(
@@ -82,17 +209,24 @@ def allgather_attention_with_lse(
     layout: str = "zigzag",
     backend: str = "auto",
     validate: bool = True,
+    slices: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact attention over the sequence sharded across ``group`` by ``layout``, by all-gathering K/V.
 
-    Args as :func:`seqpar.parallel.ulysses_attention_with_lse` (any ``H % Hkv == 0``; no head constraint).
-    Returns out ``[B, L, H, D]`` (q's dtype) and lse ``[B, H, L]`` (fp32, natural log). Differentiable in
-    q, k, v (dK/dV reduce-scattered to their owners).
+    Args as :func:`seqpar.parallel.ulysses_attention_with_lse` (any ``H % Hkv == 0``; no head constraint);
+    ``slices``: head slices pipelined so each slice's transfer hides behind the previous one's kernels
+    (default ``min(4, Hkv)``; at most ``Hkv``, a larger value is cut to it; 1: one gather, no overlap). The
+    result does not depend on it (heads are independent). Every rank must pass the same ``slices``.
+    Returns out ``[B, L, H, D]`` (q's dtype) and lse ``[B, H, L]`` (fp32, fp64 for fp64; natural log).
+    Differentiable in q, k, v (dK/dV reduce-scattered to their owners).
     Raises ValueError for shapes that differ across ranks, a length the layout cannot split, a mask that
-    does not fit the global sequence or that the backend cannot express.
+    does not fit the global sequence or that the backend cannot express, ``slices < 1``.
     """
     mask = check_shapes(q, k, v, group, layout, causal, mask) if validate else ring_mask(causal, mask)
-    return _allgather(q, k, v, group, causal, mask, softmax_scale, layout, backend)
+    mask = mask if mask is not None else Mask(causal=causal)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    plan = build_plan(q, k, mask, group, layout, backend, slices)
+    return AllGatherAttentionFn.apply(q, k, v, group, plan, scale)
 
 
 def allgather_attention(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:

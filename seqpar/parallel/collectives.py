@@ -81,12 +81,14 @@ def head_to_seq(x: Tensor, group) -> Tensor:
     return x if n == 1 else _HeadToSeq.apply(x, group, n)
 
 
-def _all_gather_single():
-    # torch 2.13 renamed all_gather_into_tensor (deprecated there); 2.11 has only the old name.
+def all_gather_single():
+    """``dist.all_gather_single`` where torch has it, else ``all_gather_into_tensor``: torch 2.13 renamed it
+    (the old name is deprecated there); 2.11 has only the old name."""
     return getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def _reduce_scatter_single():
+def reduce_scatter_single():
+    """``dist.reduce_scatter_single`` or, before torch 2.13, ``reduce_scatter_tensor``."""
     return getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
@@ -96,7 +98,7 @@ class _GatherSeq(torch.autograd.Function):
         ctx.args = (group, n)
         x = x.contiguous()
         out = x.new_empty((n * x.shape[0], *x.shape[1:]))
-        _all_gather_single()(out, x, group=group)  # [N*B, L, ...]: rank r's shard at rows r*B..
+        all_gather_single()(out, x, group=group)  # [N*B, L, ...]: rank r's shard at rows r*B..
         return rearrange(out, "(n b) l ... -> b (n l) ...", n=n)
 
     @staticmethod
@@ -105,7 +107,7 @@ class _GatherSeq(torch.autograd.Function):
         # Every rank holds a gradient for every rank's tokens: sum them where the tokens live.
         send = rearrange(g, "b (n l) ... -> (n b) l ...", n=n).contiguous()
         out = send.new_empty((send.shape[0] // n, *send.shape[1:]))
-        _reduce_scatter_single()(out, send, group=group)
+        reduce_scatter_single()(out, send, group=group)
         return out, None, None
 
 
