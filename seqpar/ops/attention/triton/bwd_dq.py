@@ -10,7 +10,6 @@ import triton.language as tl
 from seqpar.ops.attention.triton.common import _all, _cfg, candidates, prune_by
 from seqpar.ops.attention.triton.masking import (MASK_KEYS, MASK_SCALARS, any_true, block_layout, key_block_ranges,
                                                  visible_mask)
-from seqpar.ops.attention.triton.ws import DQ_WS_CONFIGS, all_ws, with_ws
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -24,12 +23,7 @@ DQ_CONFIGS = {
     256: [_cfg(64, 64, 8, 2), _cfg(64, 32, 4, 2)],
 }
 INTERPRET_DQ_CONFIG = _cfg(32, 16, 4, 1)
-_plain_candidates = candidates(DQ_CONFIGS, INTERPRET_DQ_CONFIG)
-
-
-def dq_candidates(args) -> list:
-    """Configs of this call, best first: the plain tiles and/or the WS tiles per ``args["ws_mode"]`` (.ws)."""
-    return with_ws(_plain_candidates(args), DQ_WS_CONFIGS, args)
+dq_candidates = candidates(DQ_CONFIGS, INTERPRET_DQ_CONFIG)
 
 
 @triton.jit
@@ -37,12 +31,10 @@ def _dq_stage(dq, q, do, lse2, delta, q_pos, row_ok, r_lo, r_hi, s_lo, s_hi, K_h
               stride_ks, stride_vs, lo, hi, Sk, k_offset, k_stride, window_left, window_right, bs_size, bs_n, qk_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_POS: tl.constexpr, CAUSAL: tl.constexpr,
               HAS_WINDOW: tl.constexpr, HAS_WINDOW_R: tl.constexpr, ROW_BOUNDS: tl.constexpr,
-              HAS_SINKS: tl.constexpr, BLOCK_SPARSE: tl.constexpr, STRIDED: tl.constexpr, DOT_PREC: tl.constexpr,
-              WARP_SPEC: tl.constexpr):
-    # WARP_SPEC: K_head/V_head are [Sk, D] descriptors (rows >= Sk read as 0) and the loop is warp-specialized.
+              HAS_SINKS: tl.constexpr, BLOCK_SPARSE: tl.constexpr, STRIDED: tl.constexpr, DOT_PREC: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
+    for start_n in tl.range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         if STRIDED:
@@ -61,18 +53,14 @@ def _dq_stage(dq, q, do, lse2, delta, q_pos, row_ok, r_lo, r_hi, s_lo, s_hi, K_h
             else:
                 go = any_true(layout)
         if go:
-            if WARP_SPEC:
-                kT = K_head.load([start_n, 0]).T  # [D, BLOCK_N]
-                vT = V_head.load([start_n, 0]).T
+            kT_ptrs = K_head + start_n.to(tl.int64) * stride_ks + offs_n[None, :] * stride_ks + offs_d[:, None]
+            vT_ptrs = V_head + start_n.to(tl.int64) * stride_vs + offs_n[None, :] * stride_vs + offs_d[:, None]
+            if MASK_POS:
+                kT = tl.load(kT_ptrs, mask=cols[None, :] < Sk, other=0.0)  # [D, BLOCK_N]
+                vT = tl.load(vT_ptrs, mask=cols[None, :] < Sk, other=0.0)
             else:
-                kT_ptrs = K_head + start_n.to(tl.int64) * stride_ks + offs_n[None, :] * stride_ks + offs_d[:, None]
-                vT_ptrs = V_head + start_n.to(tl.int64) * stride_vs + offs_n[None, :] * stride_vs + offs_d[:, None]
-                if MASK_POS:
-                    kT = tl.load(kT_ptrs, mask=cols[None, :] < Sk, other=0.0)  # [D, BLOCK_N]
-                    vT = tl.load(vT_ptrs, mask=cols[None, :] < Sk, other=0.0)
-                else:
-                    kT = tl.load(kT_ptrs)
-                    vT = tl.load(vT_ptrs)
+                kT = tl.load(kT_ptrs)
+                vT = tl.load(vT_ptrs)
             qk = tl.dot(q, kT, input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_N]
             p = tl.math.exp2(qk * qk_scale - lse2[:, None])
             if MASK_POS:
@@ -87,21 +75,21 @@ def _dq_stage(dq, q, do, lse2, delta, q_pos, row_ok, r_lo, r_hi, s_lo, s_hi, K_h
     return dq
 
 
-@triton.autotune(configs=_all(DQ_CONFIGS, INTERPRET_DQ_CONFIG) + all_ws(DQ_WS_CONFIGS),
-                 key=["HEAD_DIM", *MASK_KEYS, "ACCUMULATE", "tune_size", "ws_mode"],
+@triton.autotune(configs=_all(DQ_CONFIGS, INTERPRET_DQ_CONFIG),
+                 key=["HEAD_DIM", *MASK_KEYS, "ACCUMULATE", "tune_size"],
                  prune_configs_by={"early_config_prune": prune_by(dq_candidates)},
                  restore_value=["DQ"], cache_results=True)
-@triton.jit(do_not_specialize=[*MASK_SCALARS, "tune_size", "ws_mode"])
+@triton.jit(do_not_specialize=[*MASK_SCALARS, "tune_size"])
 def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Rows, Layout,
                  stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                  stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
                  stride_dqb, stride_dqs, stride_dqh,
                  H, G, Sq, Sk, q_offset, k_offset, q_stride, k_stride, window_left, window_right, bs_size, bs_n,
-                 qk_scale, sm_scale, tune_size, ws_mode,
+                 qk_scale, sm_scale, tune_size,
                  HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_WINDOW_R: tl.constexpr,
                  ROW_BOUNDS: tl.constexpr, HAS_SINKS: tl.constexpr, BLOCK_SPARSE: tl.constexpr,
                  STRIDED: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PREC: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr = False):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid ``(cdiv(Sq, BLOCK_M), B * H)``. dQ ``[B, Sq, H, D]``; Rows/Layout as in the forward kernel."""
     pid_m = tl.program_id(0)
     if CAUSAL:  # heaviest (last) query blocks first
@@ -116,36 +104,13 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Rows, Layout,
     rows = start_m + offs_m
     row_ok = rows < Sq
     row_base = start_m.to(tl.int64)
-    K_head = K + b * stride_kb + kvh * stride_kh
-    V_head = V + b * stride_vb + kvh * stride_vh
-    if WARP_SPEC:  # (.ws) descriptors over this (batch, head)'s [S, D] slices; rows >= S read as 0
-        q = tl.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, shape=[Sq, HEAD_DIM], strides=[stride_qs, 1],
-                                      block_shape=[BLOCK_M, HEAD_DIM]).load([start_m, 0])
-        do = tl.make_tensor_descriptor(DO + b * stride_dob + h * stride_doh, shape=[Sq, HEAD_DIM],
-                                       strides=[stride_dos, 1], block_shape=[BLOCK_M, HEAD_DIM]).load([start_m, 0])
-        K_head = tl.make_tensor_descriptor(K_head, shape=[Sk, HEAD_DIM], strides=[stride_ks, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-        V_head = tl.make_tensor_descriptor(V_head, shape=[Sk, HEAD_DIM], strides=[stride_vs, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-    else:
-        q = tl.load(Q + b * stride_qb + h * stride_qh + row_base * stride_qs + offs_m[:, None] * stride_qs
-                    + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + b * stride_dob + h * stride_doh + row_base * stride_dos + offs_m[:, None] * stride_dos
-                     + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    # WS: every tensor the warp-specialized loop reads comes by TMA (a pointer-loaded one makes triton 3.6's
-    # Hopper WS pass assert in WSLowerToken); 1-D descriptors need Sq % 4 == 0 (16-byte bases), as checked.
-    if WARP_SPEC:
-        lse = tl.make_tensor_descriptor(Lse + pid_bh.to(tl.int64) * Sq, shape=[Sq], strides=[1],
-                                        block_shape=[BLOCK_M]).load([start_m])
-        lse = tl.where(row_ok, lse, float("inf"))
-    else:
-        lse = tl.load(Lse + pid_bh.to(tl.int64) * Sq + rows, mask=row_ok, other=float("inf"))
+    q = tl.load(Q + b * stride_qb + h * stride_qh + row_base * stride_qs + offs_m[:, None] * stride_qs
+                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + row_base * stride_dos + offs_m[:, None] * stride_dos
+                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse = tl.load(Lse + pid_bh.to(tl.int64) * Sq + rows, mask=row_ok, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
-    if WARP_SPEC:  # rows >= Sq read as 0
-        delta = tl.make_tensor_descriptor(Delta + pid_bh.to(tl.int64) * Sq, shape=[Sq], strides=[1],
-                                          block_shape=[BLOCK_M]).load([start_m])
-    else:
-        delta = tl.load(Delta + pid_bh.to(tl.int64) * Sq + rows, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + pid_bh.to(tl.int64) * Sq + rows, mask=row_ok, other=0.0)
     if STRIDED:
         q_pos = q_offset + rows * q_stride
     else:
@@ -154,38 +119,30 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Rows, Layout,
     r_hi = 0
     s_lo = 0
     s_hi = 0
-    if WARP_SPEC and ROW_BOUNDS:  # by TMA, as lse/delta (no sinks under WS)
-        r_lo = tl.make_tensor_descriptor(Rows + b * 4 * Sq, shape=[Sq], strides=[1],
-                                         block_shape=[BLOCK_M]).load([start_m])
-        r_hi = tl.make_tensor_descriptor(Rows + b * 4 * Sq + Sq, shape=[Sq], strides=[1],
-                                         block_shape=[BLOCK_M]).load([start_m])
-        r_lo = tl.where(row_ok, r_lo, Sk)
-    elif ROW_BOUNDS or HAS_SINKS:  # [B, 4, Sq]: key interval, sink interval of each row
+    if ROW_BOUNDS or HAS_SINKS:  # [B, 4, Sq]: key interval, sink interval of each row
         R_b = Rows + b * 4 * Sq + rows
         r_lo = tl.load(R_b, mask=row_ok, other=Sk)
         r_hi = tl.load(R_b + Sq, mask=row_ok, other=0)
         s_lo = tl.load(R_b + 2 * Sq, mask=row_ok, other=Sk)
         s_hi = tl.load(R_b + 3 * Sq, mask=row_ok, other=0)
+    K_head = K + b * stride_kb + kvh * stride_kh
+    V_head = V + b * stride_vb + kvh * stride_vh
     lo, full_lo, full_hi, hi, sink_lo, sink_hi = key_block_ranges(
         start_m, Sq, Sk, q_offset, k_offset, q_stride, k_stride, window_left, window_right, row_ok, r_lo, r_hi,
         s_lo, s_hi, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_WINDOW_R, STRIDED, ROW_BOUNDS, HAS_SINKS, BLOCK_SPARSE)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     common = (q, do, lse2, delta, q_pos, row_ok, r_lo, r_hi, s_lo, s_hi, K_head, V_head, Layout, stride_ks, stride_vs)
     scal = (Sk, k_offset, k_stride, window_left, window_right, bs_size, bs_n, qk_scale)
-    if WARP_SPEC:  # ONE warp-specialized loop over every visible key tile, masked throughout (see .fwd)
-        dq = _dq_stage(dq, *common, lo, hi, *scal, BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_WINDOW_R,
-                       ROW_BOUNDS, HAS_SINKS, BLOCK_SPARSE, STRIDED, DOT_PREC, True)
-    else:
-        if HAS_SINKS:  # the sink keys of the rows' documents, when apart from the window range
-            dq = _dq_stage(dq, *common, sink_lo, sink_hi, *scal, BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW,
-                           HAS_WINDOW_R, ROW_BOUNDS, HAS_SINKS, BLOCK_SPARSE, STRIDED, DOT_PREC, False)
-        if HAS_WINDOW or HAS_WINDOW_R or ROW_BOUNDS or HAS_SINKS or BLOCK_SPARSE or STRIDED:  # left masked edge
-            dq = _dq_stage(dq, *common, lo, full_lo, *scal, BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW,
-                           HAS_WINDOW_R, ROW_BOUNDS, HAS_SINKS, BLOCK_SPARSE, STRIDED, DOT_PREC, False)
-        dq = _dq_stage(dq, *common, full_lo, full_hi, *scal, BLOCK_N, HEAD_DIM, False, CAUSAL, HAS_WINDOW,
-                       HAS_WINDOW_R, ROW_BOUNDS, HAS_SINKS, BLOCK_SPARSE, STRIDED, DOT_PREC, False)
-        dq = _dq_stage(dq, *common, full_hi, hi, *scal, BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW,
-                       HAS_WINDOW_R, ROW_BOUNDS, HAS_SINKS, BLOCK_SPARSE, STRIDED, DOT_PREC, False)
+    if HAS_SINKS:  # the sink keys of the rows' documents, when apart from the window range
+        dq = _dq_stage(dq, *common, sink_lo, sink_hi, *scal, BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW,
+                       HAS_WINDOW_R, ROW_BOUNDS, HAS_SINKS, BLOCK_SPARSE, STRIDED, DOT_PREC)
+    if HAS_WINDOW or HAS_WINDOW_R or ROW_BOUNDS or HAS_SINKS or BLOCK_SPARSE or STRIDED:  # left masked edge
+        dq = _dq_stage(dq, *common, lo, full_lo, *scal, BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW,
+                       HAS_WINDOW_R, ROW_BOUNDS, HAS_SINKS, BLOCK_SPARSE, STRIDED, DOT_PREC)
+    dq = _dq_stage(dq, *common, full_lo, full_hi, *scal, BLOCK_N, HEAD_DIM, False, CAUSAL, HAS_WINDOW,
+                   HAS_WINDOW_R, ROW_BOUNDS, HAS_SINKS, BLOCK_SPARSE, STRIDED, DOT_PREC)
+    dq = _dq_stage(dq, *common, full_hi, hi, *scal, BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW,
+                   HAS_WINDOW_R, ROW_BOUNDS, HAS_SINKS, BLOCK_SPARSE, STRIDED, DOT_PREC)
     dq = dq * sm_scale
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + row_base * stride_dqs + offs_m[:, None] * stride_dqs \
         + offs_d[None, :]

@@ -19,7 +19,6 @@ from seqpar.ops.attention.triton.bwd import _attn_bwd_dkdv, _attn_bwd_preprocess
 from seqpar.ops.attention.triton.bwd_dq import _attn_bwd_dq, dq_candidates
 from seqpar.ops.attention.triton.common import (check_triton_inputs, dot_precision, env_tma, interpreter_compat,
                                                 interpreting, last_dim_contiguous, run_kernel, tune_size)
-from seqpar.ops.attention.triton.ws import ws_mode
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,15 +80,13 @@ def _grad_buffer(acc: Optional[torch.Tensor], like: torch.Tensor, dtype: torch.d
 
 def attention_bwd_launch(dout, q, k, v, out, lse, mask: LocalMask, *, softmax_scale: Optional[float], delta=None,
                          dq_acc=None, dk_acc=None, dv_acc=None, grad_dtype: torch.dtype = torch.float32,
-                         dq_mode: str = "kernel", tma: Optional[bool] = None, ws: Optional[bool] = None,
-                         autotune: bool = True,
+                         dq_mode: str = "kernel", tma: Optional[bool] = None, autotune: bool = True,
                          tile_counts: Optional[torch.Tensor] = None):
     """Run the backward kernels. Shapes as in :func:`seqpar.ops.attention.triton.function.backward`.
 
     ``grad_dtype`` is the dtype of freshly allocated gradients (fp32 for the public API; the autograd
     path asks for the input dtype to skip a cast pass). ``dq_mode``: ``"kernel"`` (separate dQ kernel)
-    or ``"atomic"`` (dQ added by the dK/dV kernel with fp32 atomics). ``tma``: see :func:`tma_mode`; ``ws``
-    (warp-specialized dQ kernel on sm90+): see :func:`.ws.ws_mode` (None: ``SEQPAR_TRITON_WS``).
+    or ``"atomic"`` (dQ added by the dK/dV kernel with fp32 atomics). ``tma``: see :func:`tma_mode`.
     ``autotune=False`` runs the first listed tile of each kernel. ``tile_counts`` (a test hook: int32
     ``[B * Hkv, cdiv(Sk, BLOCK_N)]``): filled with the (query tile, head) steps each dK/dV program loaded.
     """
@@ -158,16 +155,12 @@ def attention_bwd_launch(dout, q, k, v, out, lse, mask: LocalMask, *, softmax_sc
                     COUNT=count))
     if dq_mode == "kernel":
         rows = row_bounds(mask, b, sq, sk, q.device)
-        # WS dQ (.ws): lse/delta/row bounds by 1-D TMA need Sq % 4 == 0; not for sinks, block-sparse, ring sums
-        ws = 0 if acc_q or flags["BLOCK_SPARSE"] or flags["HAS_SINKS"] or sq % 4 else ws_mode(q, k, v, dout, ws=ws)
-        if ws and not interpreting():
-            ensure_allocator()
         run_kernel(_attn_bwd_dq, lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * h), dq_candidates, autotune,
                    (q, k, v, dout, lse, delta, dq, rows if rows is not None else dummy, layout,
                     q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                     v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
                     dq.stride(0), dq.stride(1), dq.stride(2)),
-                   dict(**heads, **scalars, **flags, ACCUMULATE=acc_q, ws_mode=ws))
+                   dict(**heads, **scalars, **flags, ACCUMULATE=acc_q))
     elif dq_acc is None and grad_dtype != torch.float32:
         dq = dq.to(grad_dtype)
     return dq, dk, dv

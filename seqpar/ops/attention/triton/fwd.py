@@ -21,9 +21,6 @@ their code.
 Ring-ready: with ``MERGE`` the kernel reads a running ``(out fp32, lse)`` pair for its rows and writes
 the merged pair back in place, so a ring step costs no extra elementwise pass.
 
-Warp-specialized variant (``WARP_SPEC``, sm90+, selected per call: :mod:`.ws`): Q/K/V by TMA descriptors
-and ONE masked loop over ``[lo, hi)`` that triton's Hopper pass splits into producer / two consumer groups.
-
 Shared helpers (configs, pruning, mask helpers, environment) live in :mod:`.common`.
 """
 from __future__ import annotations
@@ -36,14 +33,12 @@ import triton
 import triton.language as tl
 
 from seqpar.ops.attention.mask import LocalMask
-from seqpar.ops.attention.triton.bwd_launch import ensure_allocator
 from seqpar.ops.attention.triton.bounds import check_positions, layout_arg, mask_flags, mask_scalars, row_bounds
 from seqpar.ops.attention.triton.common import (_all, _cfg, candidates, check_triton_inputs, dot_precision,
                                                 interpreter_compat, interpreting, last_dim_contiguous, prune_by,
                                                 run_kernel, tune_size)
 from seqpar.ops.attention.triton.masking import (MASK_KEYS, MASK_SCALARS, any_true, block_layout, key_block_ranges,
                                                  visible_mask)
-from seqpar.ops.attention.triton.ws import FWD_WS_CONFIGS, all_ws, with_ws, ws_mode
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -62,12 +57,7 @@ FWD_CONFIGS = {
     256: [_cfg(64, 32, 4, 3), _cfg(128, 64, 8, 2)],
 }
 INTERPRET_FWD_CONFIG = _cfg(32, 16, 4, 1)
-_plain_candidates = candidates(FWD_CONFIGS, INTERPRET_FWD_CONFIG)
-
-
-def fwd_candidates(args) -> list:
-    """Configs of this call, best first: the plain tiles and/or the WS tiles per ``args["ws_mode"]`` (.ws)."""
-    return with_ws(_plain_candidates(args), FWD_WS_CONFIGS, args)
+fwd_candidates = candidates(FWD_CONFIGS, INTERPRET_FWD_CONFIG)
 
 
 @triton.jit
@@ -76,12 +66,10 @@ def _fwd_stage(acc, l_i, m_i, n_tiles, q, q_pos, row_ok, r_lo, r_hi, s_lo, s_hi,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_POS: tl.constexpr, CAUSAL: tl.constexpr,
                HAS_WINDOW: tl.constexpr, HAS_WINDOW_R: tl.constexpr, ROW_BOUNDS: tl.constexpr,
                HAS_SINKS: tl.constexpr, BLOCK_SPARSE: tl.constexpr, STRIDED: tl.constexpr, COUNT: tl.constexpr,
-               DOT_PREC: tl.constexpr, WARP_SPEC: tl.constexpr, WS_LOOP: tl.constexpr):
-    # WARP_SPEC: K_head/V_head are [Sk, D] tensor descriptors (rows >= Sk zero-filled); WS_LOOP: this
-    # (unmasked) loop is warp-specialized (.ws). Otherwise pointer loads, as before.
+               DOT_PREC: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS_LOOP):
+    for start_n in tl.range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         if STRIDED:
@@ -103,13 +91,12 @@ def _fwd_stage(acc, l_i, m_i, n_tiles, q, q_pos, row_ok, r_lo, r_hi, s_lo, s_hi,
             if COUNT:
                 n_tiles += 1
             # int64 block base: start_n * stride can pass 2^31 at long context; in-block offsets stay int32.
-            if WARP_SPEC:
-                kT = K_head.load([start_n, 0]).T  # [D, BLOCK_N]
-            elif MASK_POS:
-                kT = tl.load(K_head + start_n.to(tl.int64) * stride_ks + offs_n[None, :] * stride_ks + offs_d[:, None],
-                             mask=cols[None, :] < Sk, other=0.0)  # [D, BLOCK_N]
+            kT_ptrs = K_head + start_n.to(tl.int64) * stride_ks + offs_n[None, :] * stride_ks + offs_d[:, None]
+            v_ptrs = V_head + start_n.to(tl.int64) * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :]
+            if MASK_POS:
+                kT = tl.load(kT_ptrs, mask=cols[None, :] < Sk, other=0.0)  # [D, BLOCK_N]
             else:
-                kT = tl.load(K_head + start_n.to(tl.int64) * stride_ks + offs_n[None, :] * stride_ks + offs_d[:, None])
+                kT = tl.load(kT_ptrs)
             qk = tl.dot(q, kT, input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_N] fp32
             if MASK_POS:
                 if not BLOCK_SPARSE:
@@ -126,37 +113,33 @@ def _fwd_stage(acc, l_i, m_i, n_tiles, q, q_pos, row_ok, r_lo, r_hi, s_lo, s_hi,
             alpha = tl.math.exp2(m_i - m_ij)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
-            if WARP_SPEC:
-                v = V_head.load([start_n, 0])  # [BLOCK_N, D]
-            elif MASK_POS:
-                v = tl.load(V_head + start_n.to(tl.int64) * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :],
-                            mask=cols[:, None] < Sk, other=0.0)  # [BLOCK_N, D]
+            if MASK_POS:
+                v = tl.load(v_ptrs, mask=cols[:, None] < Sk, other=0.0)  # [BLOCK_N, D]
             else:
-                v = tl.load(V_head + start_n.to(tl.int64) * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :])
+                v = tl.load(v_ptrs)
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
             m_i = m_ij
     return acc, l_i, m_i, n_tiles
 
 
-@triton.autotune(configs=_all(FWD_CONFIGS, INTERPRET_FWD_CONFIG) + all_ws(FWD_WS_CONFIGS),
-                 key=["HEAD_DIM", *MASK_KEYS, "MERGE", "tune_size", "ws_mode"],
+@triton.autotune(configs=_all(FWD_CONFIGS, INTERPRET_FWD_CONFIG),
+                 key=["HEAD_DIM", *MASK_KEYS, "MERGE", "tune_size"],
                  prune_configs_by={"early_config_prune": prune_by(fwd_candidates)},
                  restore_value=["OutAcc", "LseAcc"], cache_results=True)
-@triton.jit(do_not_specialize=[*MASK_SCALARS, "tune_size", "ws_mode"])
+@triton.jit(do_not_specialize=[*MASK_SCALARS, "tune_size"])
 def _attn_fwd(Q, K, V, Out, Lse, OutAcc, LseAcc, Rows, Layout, Count,
               stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
               stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
               stride_ab, stride_as, stride_ah,
               H, G, Sq, Sk, q_offset, k_offset, q_stride, k_stride, window_left, window_right, bs_size, bs_n,
-              qk_scale, tune_size, ws_mode,
+              qk_scale, tune_size,
               HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_WINDOW_R: tl.constexpr,
               ROW_BOUNDS: tl.constexpr, HAS_SINKS: tl.constexpr, BLOCK_SPARSE: tl.constexpr, STRIDED: tl.constexpr,
               MERGE: tl.constexpr, COUNT: tl.constexpr, DOT_PREC: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr = False):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid ``(cdiv(Sq, BLOCK_M), B * H)``. Q/Out ``[B, Sq, H, D]``, K/V ``[B, Sk, H // G, D]``, Lse ``[B, H, Sq]``;
     Rows int32 ``[B, 4, Sq]`` (:func:`.bounds.row_bounds`), Layout int8 ``[nb, nb]``, Count int32 ``[B * H, grid_m]``
-    (``COUNT``: key tiles loaded per program, a test hook). ``ws_mode`` only selects autotune candidates;
-    ``WARP_SPEC`` (.ws): Q/K/V through descriptors and a warp-specialized unmasked stage."""
+    (``COUNT``: key tiles loaded per program, a test hook)."""
     pid_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks see the most keys: start them first so the tail wave is short
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -170,19 +153,9 @@ def _attn_fwd(Q, K, V, Out, Lse, OutAcc, LseAcc, Rows, Layout, Count,
     rows = start_m + offs_m
     row_ok = rows < Sq
 
-    K_head = K + b * stride_kb + kvh * stride_kh
-    V_head = V + b * stride_vb + kvh * stride_vh
-    if WARP_SPEC:  # device-side descriptors over this (batch, head)'s [S, D] slices; rows >= S read as 0
-        q = tl.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, shape=[Sq, HEAD_DIM], strides=[stride_qs, 1],
-                                      block_shape=[BLOCK_M, HEAD_DIM]).load([start_m, 0])
-        K_head = tl.make_tensor_descriptor(K_head, shape=[Sk, HEAD_DIM], strides=[stride_ks, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-        V_head = tl.make_tensor_descriptor(V_head, shape=[Sk, HEAD_DIM], strides=[stride_vs, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-    else:
-        q_ptrs = Q + b * stride_qb + h * stride_qh + start_m.to(tl.int64) * stride_qs \
-            + offs_m[:, None] * stride_qs + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D], stays in registers
+    q_ptrs = Q + b * stride_qb + h * stride_qh + start_m.to(tl.int64) * stride_qs \
+        + offs_m[:, None] * stride_qs + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D], stays in registers
     if STRIDED:
         q_pos = q_offset + rows * q_stride
     else:
@@ -191,18 +164,14 @@ def _attn_fwd(Q, K, V, Out, Lse, OutAcc, LseAcc, Rows, Layout, Count,
     r_hi = 0
     s_lo = 0
     s_hi = 0
-    if WARP_SPEC and ROW_BOUNDS:  # by TMA: a pointer-loaded tensor read in the WS loop breaks the pass (.ws)
-        r_lo = tl.make_tensor_descriptor(Rows + b * 4 * Sq, shape=[Sq], strides=[1],
-                                         block_shape=[BLOCK_M]).load([start_m])
-        r_hi = tl.make_tensor_descriptor(Rows + b * 4 * Sq + Sq, shape=[Sq], strides=[1],
-                                         block_shape=[BLOCK_M]).load([start_m])
-        r_lo = tl.where(row_ok, r_lo, Sk)  # (no sinks under WS)
-    elif ROW_BOUNDS or HAS_SINKS:  # [B, 4, Sq]: key interval, sink interval of each row
+    if ROW_BOUNDS or HAS_SINKS:  # [B, 4, Sq]: key interval, sink interval of each row
         R_b = Rows + b * 4 * Sq + rows
         r_lo = tl.load(R_b, mask=row_ok, other=Sk)
         r_hi = tl.load(R_b + Sq, mask=row_ok, other=0)
         s_lo = tl.load(R_b + 2 * Sq, mask=row_ok, other=Sk)
         s_hi = tl.load(R_b + 3 * Sq, mask=row_ok, other=0)
+    K_head = K + b * stride_kb + kvh * stride_kh
+    V_head = V + b * stride_vb + kvh * stride_vh
 
     m_i = tl.full([BLOCK_M], _M_INIT, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -213,28 +182,20 @@ def _attn_fwd(Q, K, V, Out, Lse, OutAcc, LseAcc, Rows, Layout, Count,
         s_lo, s_hi, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_WINDOW_R, STRIDED, ROW_BOUNDS, HAS_SINKS, BLOCK_SPARSE)
     scal = (Sk, k_offset, k_stride, window_left, window_right, bs_size, bs_n, qk_scale)
     common = (q, q_pos, row_ok, r_lo, r_hi, s_lo, s_hi, K_head, V_head, Layout, stride_ks, stride_vs)
-    if WARP_SPEC:
-        # Triton 3.6's Hopper WS pass fails (dominance assertion) when another loop feeds or follows the
-        # warp-specialized one, so the WS variant runs ONE loop over every visible key tile, masked
-        # throughout (no sinks, no block-sparse: the launcher keeps those on the plain kernel).
-        acc, l_i, m_i, n_tiles = _fwd_stage(acc, l_i, m_i, n_tiles, *common, lo, hi, *scal,
+    if HAS_SINKS:  # the sink keys of the rows' documents, when apart from the window range
+        acc, l_i, m_i, n_tiles = _fwd_stage(acc, l_i, m_i, n_tiles, *common, sink_lo, sink_hi, *scal,
                                             BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_WINDOW_R,
-                                            ROW_BOUNDS, HAS_SINKS, BLOCK_SPARSE, STRIDED, COUNT, DOT_PREC, True, True)
-    else:
-        if HAS_SINKS:  # the sink keys of the rows' documents, when apart from the window range
-            acc, l_i, m_i, n_tiles = _fwd_stage(acc, l_i, m_i, n_tiles, *common, sink_lo, sink_hi, *scal,
-                                                BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_WINDOW_R,
-                                                ROW_BOUNDS, HAS_SINKS, BLOCK_SPARSE, STRIDED, COUNT, DOT_PREC, False, False)
-        if HAS_WINDOW or HAS_WINDOW_R or ROW_BOUNDS or HAS_SINKS or BLOCK_SPARSE or STRIDED:  # left masked edge
-            acc, l_i, m_i, n_tiles = _fwd_stage(acc, l_i, m_i, n_tiles, *common, lo, full_lo, *scal,
-                                                BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_WINDOW_R,
-                                                ROW_BOUNDS, HAS_SINKS, BLOCK_SPARSE, STRIDED, COUNT, DOT_PREC, False, False)
-        acc, l_i, m_i, n_tiles = _fwd_stage(acc, l_i, m_i, n_tiles, *common, full_lo, full_hi, *scal,
-                                            BLOCK_N, HEAD_DIM, False, CAUSAL, HAS_WINDOW, HAS_WINDOW_R,
-                                            ROW_BOUNDS, HAS_SINKS, BLOCK_SPARSE, STRIDED, COUNT, DOT_PREC, False, False)
-        acc, l_i, m_i, n_tiles = _fwd_stage(acc, l_i, m_i, n_tiles, *common, full_hi, hi, *scal,
+                                            ROW_BOUNDS, HAS_SINKS, BLOCK_SPARSE, STRIDED, COUNT, DOT_PREC)
+    if HAS_WINDOW or HAS_WINDOW_R or ROW_BOUNDS or HAS_SINKS or BLOCK_SPARSE or STRIDED:  # left masked edge
+        acc, l_i, m_i, n_tiles = _fwd_stage(acc, l_i, m_i, n_tiles, *common, lo, full_lo, *scal,
                                             BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_WINDOW_R,
-                                            ROW_BOUNDS, HAS_SINKS, BLOCK_SPARSE, STRIDED, COUNT, DOT_PREC, False, False)
+                                            ROW_BOUNDS, HAS_SINKS, BLOCK_SPARSE, STRIDED, COUNT, DOT_PREC)
+    acc, l_i, m_i, n_tiles = _fwd_stage(acc, l_i, m_i, n_tiles, *common, full_lo, full_hi, *scal,
+                                        BLOCK_N, HEAD_DIM, False, CAUSAL, HAS_WINDOW, HAS_WINDOW_R,
+                                        ROW_BOUNDS, HAS_SINKS, BLOCK_SPARSE, STRIDED, COUNT, DOT_PREC)
+    acc, l_i, m_i, n_tiles = _fwd_stage(acc, l_i, m_i, n_tiles, *common, full_hi, hi, *scal,
+                                        BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_WINDOW_R,
+                                            ROW_BOUNDS, HAS_SINKS, BLOCK_SPARSE, STRIDED, COUNT, DOT_PREC)
     if COUNT:
         tl.store(Count + pid_bh * tl.num_programs(0) + pid_m, n_tiles)
 
@@ -271,15 +232,14 @@ def _attn_fwd(Q, K, V, Out, Lse, OutAcc, LseAcc, Rows, Layout, Count,
 # ----------------------------------------------------------------------------------------------------
 
 def attention_fwd_launch(q, k, v, mask: LocalMask, *, softmax_scale: Optional[float], out_acc=None, lse_acc=None,
-                         autotune: bool = True, tile_counts: Optional[torch.Tensor] = None, ws: Optional[bool] = None):
+                         autotune: bool = True, tile_counts: Optional[torch.Tensor] = None):
     """Run the forward kernel. Shapes as in :func:`seqpar.ops.attention.triton.function.forward`.
 
     Without ``out_acc``: returns fresh ``(out [B, Sq, H, D] in q.dtype, lse [B, H, Sq] fp32)``.
     With ``out_acc`` (fp32 ``[B, Sq, H, D]``) and ``lse_acc`` (fp32 contiguous ``[B, H, Sq]``): merges this
     call's result into them in place and returns them. ``autotune=False`` runs the first listed tile.
     ``tile_counts`` (a test hook: int32 ``[B * H, cdiv(Sq, BLOCK_M)]``): filled with the number of key
-    tiles each program loaded (the proof that masked tiles are skipped). ``ws``: warp-specialized variant on
-    sm90+ (:func:`.ws.ws_mode`; None: ``SEQPAR_TRITON_WS``, read now).
+    tiles each program loaded (the proof that masked tiles are skipped).
     """
     check_triton_inputs(q, k, v, mask)
     check_positions(mask, q.shape[1], k.shape[1])
@@ -317,17 +277,12 @@ def attention_fwd_launch(q, k, v, mask: LocalMask, *, softmax_scale: Optional[fl
     if count and (tile_counts.dtype != torch.int32 or not tile_counts.is_contiguous()):
         raise ValueError("tile_counts must be a contiguous int32 tensor [B * H, number of query tiles].")
     grid = lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * h)
-    # WS (.ws): not for ring merges, sinks, block-sparse or the tile-count hook; row bounds need Sq % 4 == 0
-    ws = 0 if merge or count or flags["BLOCK_SPARSE"] or flags["HAS_SINKS"] or (flags["ROW_BOUNDS"] and sq % 4) \
-        else ws_mode(q, k, v, out, ws=ws)
     args = (q, k, v, out, lse, acc_o, acc_l, rows, layout, tile_counts if count else rows,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             acc_o.stride(0) if merge else 0, acc_o.stride(1) if merge else 0, acc_o.stride(2) if merge else 0,
             h, h // hkv, sq, sk, *mask_scalars(mask), bs_size, bs_n,
-            scale * 1.4426950408889634, tune_size(b, h, sq, sk, d), ws)
+            scale * 1.4426950408889634, tune_size(b, h, sq, sk, d))
     flags = dict(HEAD_DIM=d, **flags, MERGE=merge, COUNT=count, DOT_PREC=dot_precision(q.dtype))
-    if ws and not interpreting():
-        ensure_allocator()  # device-side descriptors take global scratch from triton's allocator
     run_kernel(_attn_fwd, grid, fwd_candidates, autotune, args, flags)
     return out, lse
