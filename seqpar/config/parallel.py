@@ -31,6 +31,9 @@ class ParallelConfig:
     # auto (the cost model's fastest usable mode).
     cp_comm: str = "ring"
     ulysses: int = 1  # hybrid's Ulysses degree U (divides cp); also offered to auto when > 1
+    # cp_comm=allgather: K/V head slices pipelined (the next slice's gather hides behind this slice's
+    # kernels; backward reduce-scatters behind the next slice); cut to the KV heads; 1 = no overlap
+    allgather_slices: int = 4
 
     def __post_init__(self) -> None:
         check_choice("parallel.fsdp", self.fsdp, FSDP_MODES)
@@ -45,6 +48,7 @@ class ParallelConfig:
     def _check_cp_comm(self) -> None:
         check_choice("parallel.cp_comm", self.cp_comm, CP_COMM_CHOICES)
         check_positive("parallel.ulysses", self.ulysses)
+        check_positive("parallel.allgather_slices", self.allgather_slices)
         u, cp, mode = self.ulysses, self.cp, self.cp_comm
         check(cp % u == 0, f"parallel.ulysses={u} does not divide parallel.cp={cp}; choose a divisor of {cp} "
                            "(Ulysses groups of U consecutive cp ranks) or parallel.cp_comm=ring with ulysses=1.")

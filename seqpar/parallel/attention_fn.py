@@ -24,13 +24,15 @@ CP_COMM_CHOICES = (*CP_MODES, "auto")
 
 
 def make_cp_attn_fn(mode: str, *, group=None, ulysses_group=None, ring_group=None, layout: str = "zigzag",
-                    backend: str = "auto", validate: str = "always") -> Callable[..., Tensor]:
+                    backend: str = "auto", validate: str = "always",
+                    allgather_slices: Optional[int] = None) -> Callable[..., Tensor]:
     """The attention function of ``mode`` (one of :data:`CP_MODES`) on shards of ``layout``.
 
     ``group``: the cp group (ring, allgather, ulysses); ``ulysses_group`` / ``ring_group``: the hybrid's 2-D
     cp group (:func:`seqpar.parallel.mesh.cp_subgroups`). ``validate`` as in
     :func:`~seqpar.parallel.ring_attention.make_ring_attn_fn` (``"first"``: the cross-rank shape check once
-    per shape signature). Raises ValueError for an unknown mode or a hybrid without its groups.
+    per shape signature); ``allgather_slices``: the all-gather mode's pipelined K/V head slices (None: its
+    default). Raises ValueError for an unknown mode or a hybrid without its groups.
     """
     if mode not in CP_MODES:
         raise ValueError(f"parallel.cp_comm={mode!r} is not one of {list(CP_COMM_CHOICES)}; "
@@ -55,8 +57,10 @@ def make_cp_attn_fn(mode: str, *, group=None, ulysses_group=None, ring_group=Non
         else:
             if check:
                 check_shapes(q, k, v, group, layout, causal, mask)
-            fn = ulysses_attention if mode == "ulysses" else allgather_attention
-            out = fn(q, k, v, group=group, validate=False, **kw)
+            if mode == "ulysses":
+                out = ulysses_attention(q, k, v, group=group, validate=False, **kw)
+            else:
+                out = allgather_attention(q, k, v, group=group, validate=False, slices=allgather_slices, **kw)
         seen.add(key)
         return out
 
@@ -110,4 +114,5 @@ def cp_attn_fn(cfg: Any, mesh) -> Callable[..., Tensor]:
     shapes are fixed per run, so the cross-rank shape check runs once per shape signature."""
     p = cfg.parallel
     return make_cp_attn_fn(choose_mode(cfg), group=mesh.cp_group, ulysses_group=mesh.ulysses_group,
-                           ring_group=mesh.ring_group, layout=p.layout, backend=p.attention_backend, validate="first")
+                           ring_group=mesh.ring_group, layout=p.layout, backend=p.attention_backend, validate="first",
+                           allgather_slices=p.allgather_slices)

@@ -212,7 +212,7 @@ def _allgather(s: AttnShape, c: Cluster, cal: Calib) -> dict:
     n = c.gpus
     if n == 1:
         return {"kernel": attention_flops(s) / (kernel_tflops(c.kernel, s.seq_len) * 1e12)}
-    T, bw, k = s.seq_len / n, _bw(c, n), cal.slices
+    T, bw, k = s.seq_len / n, _bw(c, n), min(cal.slices, s.hk)  # the code never cuts more slices than KV heads
     t_k = attention_flops(s) / (n * kernel_tflops(c.kernel, T) * 1e12)
     cf, cb = FWD_SHARE[c.kernel] * t_k, (1 - FWD_SHARE[c.kernel]) * t_k
     kv = 2.0 * s.batch * s.seq_len * s.hk * s.head_dim * (n - 1) / n * s.layers
