@@ -123,3 +123,26 @@ def test_saved_config_reads_back_equal(tmp_path):
     assert load_config_file(path, ["train.seq_len=128"]).train.seq_len == 128
     with pytest.raises(ConfigError, match="unknown config key"):
         load_config_file(path, ["train.nonsense=1"])
+
+
+ARCH_GROUP = {"longformer": ("attention", "longformer"), "bigbird": ("attention", "bigbird"),
+              "blocksparse": ("attention", "blocksparse"), "reformer": ("attention", "reformer"),
+              "performer": ("attention", "performer"), "infini": ("arch", "infini"), "megalodon": ("arch", "megalodon")}
+
+
+@pytest.mark.parametrize("name", sorted(ARCH_GROUP))
+def test_arch_group_selects_the_option_with_a_config_that_trains(name):
+    """`arch=<name>` (conf/arch/) gives a valid training config with that option and builds on the meta device."""
+    from seqpar.models import build_model
+
+    cfg = resolve_config(load_config([f"arch={name}", "train.seq_len=4096"]))
+    key, value = ARCH_GROUP[name]
+    assert getattr(cfg.model, key) == value
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    assert model.num_params() > 0
+
+
+def test_arch_linformer_is_refused_for_training_in_one_line():
+    with pytest.raises(ConfigError, match="model.causal=true"):
+        load_config(["arch=linformer"])
