@@ -1,8 +1,9 @@
 """Cost model: predicted attention time per training step (forward + backward) for each context-parallel mode.
 
 Everything this module returns is a PREDICTION from measured kernel rates and link bandwidths; it is
-calibrated on 2- and 4-GPU H200 ring measurements (``MEASURED``), nothing more. Plain numbers in, plain numbers
-out: it imports nothing from ``seqpar`` (no model, no config), so the config and ``train.py --dry-run`` can use it.
+calibrated on 2- and 4-GPU H200 measurements of every mode (``MEASURED``), nothing more. Plain numbers in,
+plain numbers out: it imports nothing from ``seqpar`` (no model, no config), so the config and
+``train.py --dry-run`` can use it.
 
 Notation: ``S`` tokens per sequence, ``B`` batch, ``H``/``Hk`` query/KV heads, ``D`` head_dim, ``b`` dtype bytes,
 ``v`` visible fraction of (query, key) pairs (0.5 causal, 1 full), ``N`` GPUs, ``g`` GPUs per node.
@@ -14,15 +15,22 @@ Notation: ``S`` tokens per sequence, ``B`` batch, ``H``/``Hk`` query/KV heads, `
   per step ``c = F/(n^2 rate(T))`` split fwd/bwd; K/V transfer ``m_kv = 2 B T Hk D b / bw``; backward also moves
   the fp32 dK/dV accumulators (n-2 hops overlapped, the last one in ``b`` bytes exposed).
   ``t = c_f + (n-1)(max(c_f, m_kv) + gam m_kv) + c_b + (n-1)(max(c_b, m_b) + gam m_b) + m_last
-  + n (alpha + beta B T H D / hbm)``; ``alpha`` (fixed per step), ``beta`` (merge/cast bytes per element per
-  step), ``gam`` (kernel slowdown per second of overlapped transfer: NCCL's copy kernels share the SMs) are
-  fitted to the measured efficiencies (``calibrate``). ``bw`` is NVLink inside a node, the inter-node link
-  per GPU once the ring spans nodes (every step waits for its slowest hop).
+  + n (alpha + beta B T H D / hbm)``; ``alpha`` (fixed per step, assumed), ``beta`` (merge/cast bytes per
+  element per step), ``gam`` (kernel slowdown per second of overlapped transfer: NCCL's copy kernels share the
+  SMs) are fitted (``calibrate``), with ``coll_eff`` and ``ag_call_s`` below, to every measured mode at once.
+  ``bw`` is NVLink inside a node, the inter-node link per GPU once the ring spans nodes (every step waits for
+  its slowest hop).
 - ulysses over ``U = N`` (``U | H``; KV heads replicated to ``Hk' = max(Hk, U)``): 4 all-to-alls forward (q, k, v,
-  out) and 4 backward (dout, dq, dk, dv), none overlapped, each moving ``(U-1)/U`` of ``B (S/U) heads D b``;
+  out) and 4 backward (dout, dq, dk, dv), none overlapped, each moving ``(U-1)/U`` of ``B (S/U) heads D b`` at
+  ``coll_eff`` of the link's send/recv rate (NCCL collectives over NVLink reach less than send/recv; fitted);
   then the whole-sequence kernel on ``H/U`` heads: ``F/(U rate(S))``.
-- allgather: gather K/V (``2 B S Hk D b (n-1)/n``) forward, again backward, reduce-scatter fp32 dK/dV; in
-  ``slices`` slices, the first slice exposed and the rest hidden behind the kernel of the previous slice.
+- allgather: K/V in ``k = min(slices, Hk)`` head slices; per slice one kernel call per run of local queries
+  (zigzag: ``RUNS`` = 2 runs of ``S/(2N)`` queries, against key ranges of different lengths), so ``2 k RUNS``
+  calls fwd+bwd, each at ``rate(S/(2N))`` plus ``ag_call_s`` (fitted: per-call glue, launches, short-call
+  tails). Gather K/V (``2 B S Hk D b (n-1)/n``) forward, gather AGAIN in the backward (K/V are not saved),
+  reduce-scatter fp32 dK/dV, all at ``coll_eff`` of the link; the first slice exposed, the rest hidden behind
+  the previous slice's kernels (plus ``gam`` contention while overlapped). Causal calls sit at an offset into
+  their keys, which cuDNN/flash refuse (``ALIGNED_CAUSAL_ONLY``): those run at Triton's rates.
 - hybrid: Ulysses over ``U`` GPUs of one node, then the ring over ``R = N/U`` groups with ``S/R`` tokens and
   ``H/U`` heads per GPU; the best ``U`` is chosen.
 - efficiency = ``F/(N rate(S)) / t``: the same kernel on one GPU at the same total tokens, as the benchmarks do.
@@ -46,9 +54,10 @@ KERNEL_TFLOPS = {
 # Forward's share of the fwd+bwd kernel time: (1/3.5) * rate(fwd+bwd) / rate(fwd), from the same tables.
 FWD_SHARE = {"sdpa_cudnn": 0.26, "sdpa_flash": 0.27, "triton": 0.23}
 
-# Measured ring efficiencies (zigzag, causal, B=1 H=32 Hk=32 D=128 bf16; mean over runs) the model is fitted to:
-# (kernel, GPUs, total tokens, efficiency vs the same kernel on one GPU).
-MEASURED = (
+# Measured efficiencies the model is fitted to (zigzag, causal fwd+bwd, B=1 H=32 D=128 bf16; efficiency = per-GPU
+# TFLOP/s / the same kernel on one GPU over the whole sequence): (mode, kernel, GPUs, total tokens, KV heads, eff).
+# Ring before the fused merge (ring_NVIDIA-H200_x2_2026-11-22.md, x4_2026-11-28/, issue12_before_after/; means):
+_RING_OLD = (
     ("sdpa_cudnn", 2, 32768, 0.86), ("sdpa_cudnn", 2, 65536, 0.92), ("sdpa_cudnn", 2, 131072, 0.98),
     ("sdpa_cudnn", 2, 262144, 1.01), ("sdpa_cudnn", 2, 524288, 1.02), ("sdpa_cudnn", 4, 131072, 0.93),
     ("sdpa_cudnn", 4, 262144, 0.99), ("sdpa_cudnn", 4, 524288, 1.01),
@@ -56,6 +65,32 @@ MEASURED = (
     ("sdpa_flash", 4, 131072, 0.96),
     ("triton", 2, 32768, 0.93), ("triton", 2, 65536, 0.95), ("triton", 2, 131072, 0.98), ("triton", 4, 131072, 0.95),
 )
+# 2026-11-28, fused ring merge: session4_2026-11-28/ring_fused_merge/ (2 GPUs, 32k), ring_1m/log.txt (1M tokens),
+# and the same-run table of every mode, session4_2026-11-28/cp_modes/cp_modes_NVIDIA-H200_x4_2026-11-28.json
+# (hybrid: Ulysses over 2 consecutive ranks x ring over 2; all-gather runs Triton only).
+_TODAY = (
+    ("ring", "sdpa_cudnn", 2, 32768, 32, 0.91), ("ring", "sdpa_flash", 2, 32768, 32, 0.94),
+    ("ring", "triton", 2, 32768, 32, 0.93),
+    ("ring", "sdpa_cudnn", 2, 1048576, 32, 1.013), ("ring", "sdpa_cudnn", 4, 1048576, 32, 1.028),
+    ("ring", "sdpa_cudnn", 2, 32768, 32, 0.904), ("ring", "triton", 2, 32768, 32, 0.901),
+    ("ring", "sdpa_cudnn", 4, 32768, 32, 0.686), ("ring", "triton", 4, 32768, 32, 0.782),
+    ("ring", "sdpa_cudnn", 2, 32768, 8, 0.917), ("ring", "triton", 2, 32768, 8, 0.951),
+    ("ring", "sdpa_cudnn", 4, 32768, 8, 0.827), ("ring", "triton", 4, 32768, 8, 0.898),
+    ("ulysses", "sdpa_cudnn", 2, 32768, 32, 0.859), ("ulysses", "triton", 2, 32768, 32, 0.912),
+    ("ulysses", "sdpa_cudnn", 4, 32768, 32, 0.835), ("ulysses", "triton", 4, 32768, 32, 0.899),
+    ("ulysses", "sdpa_cudnn", 2, 32768, 8, 0.876), ("ulysses", "triton", 2, 32768, 8, 0.955),
+    ("ulysses", "sdpa_cudnn", 4, 32768, 8, 0.856), ("ulysses", "triton", 4, 32768, 8, 0.932),
+    ("allgather", "triton", 2, 32768, 32, 0.734), ("allgather", "triton", 4, 32768, 32, 0.588),
+    ("allgather", "triton", 2, 32768, 8, 0.784), ("allgather", "triton", 4, 32768, 8, 0.707),
+    ("hybrid", "sdpa_cudnn", 4, 32768, 32, 0.788), ("hybrid", "triton", 4, 32768, 32, 0.794),
+    ("hybrid", "sdpa_cudnn", 4, 32768, 8, 0.824), ("hybrid", "triton", 4, 32768, 8, 0.866),
+)
+MEASURED = tuple(("ring", k, n, s, 32, e) for k, n, s, e in _RING_OLD) + _TODAY
+HYBRID_MEASURED_U = 2  # the Ulysses degree of the measured hybrid rows
+RUNS = 2  # kernel calls per head slice in the all-gather mode: zigzag gives every rank 2 runs of S/(2N) queries
+# Kernels that express a causal mask only on aligned diagonals: the all-gather's causal calls (queries at an offset
+# into the keys) refuse them (measured: the cp_modes cuDNN rows), so the mode runs Triton's rates instead.
+ALIGNED_CAUSAL_ONLY = ("sdpa_cudnn", "sdpa_flash")
 
 
 @dataclass(frozen=True)
@@ -87,13 +122,20 @@ class Cluster:
     kernel: str = "sdpa_cudnn"
 
 
+# calibrate()'s result on MEASURED (tests/unit/test_cost.py checks they are the fit). Before the 2026-11-28 rows
+# (ring only, unfused merges): beta 55.66, gamma 0.582, no coll_eff (1.0) and no per-call term.
+BETA, GAMMA, COLL_EFF, AG_CALL_S = 50.98, 0.733, 0.47, 4.31e-4
+
+
 @dataclass(frozen=True)
 class Calib:
     """Fitted constants (``calibrate()`` reproduces them) and the assumed ones."""
     alpha_s: float = 5.0e-5       # assumed: fixed cost per ring step (~10 launches + waits; the ms-long measured
     #                               steps cannot resolve it: a free fit returns a negative value)
-    beta_bytes: float = 55.66     # fitted: HBM bytes per (token*head*dim) per ring step (merges, casts, accumulators)
-    gamma: float = 0.582          # fitted: kernel slowdown per second of overlapped transfer
+    beta_bytes: float = BETA      # fitted: HBM bytes per (token*head*dim) per ring step (merges, casts, accumulators)
+    gamma: float = GAMMA          # fitted: kernel slowdown per second of overlapped transfer
+    coll_eff: float = COLL_EFF    # fitted: all-to-all / all-gather / reduce-scatter rate as a fraction of send/recv
+    ag_call_s: float = AG_CALL_S  # fitted: extra seconds per all-gather kernel call (fwd or bwd)
     coll_latency_s: float = 30e-6  # assumed: one collective inside a node
     inter_latency_s: float = 1e-4  # assumed: one collective/step across nodes
     grad_bytes: int = 4           # dK/dV accumulators travel in fp32
@@ -159,7 +201,8 @@ def _a2a(s: AttnShape, c: Cluster, u: int, kv_heads: int, cal: Calib) -> float:
     elems = s.batch * (s.seq_len / c.gpus) * s.head_dim * 2 * (s.heads + kv_heads)  # fwd; bwd the same
     out = 2 * elems * s.dtype_bytes * (u - 1) / u
     in_node = min(u, c.gpus_per_node) - 1
-    t = max(out * in_node / (u - 1) / (c.intra_gbs * 1e9), out * (u - 1 - in_node) / (u - 1) / (c.inter_gbs * 1e9))
+    bw_in, bw_out = (cal.coll_eff * x * 1e9 for x in (c.intra_gbs, c.inter_gbs))
+    t = max(out * in_node / (u - 1) / bw_in, out * (u - 1 - in_node) / (u - 1) / bw_out)
     lat = cal.coll_latency_s if u <= c.gpus_per_node else cal.inter_latency_s
     return (t + 8 * lat) * s.layers
 
@@ -212,15 +255,17 @@ def _allgather(s: AttnShape, c: Cluster, cal: Calib) -> dict:
     n = c.gpus
     if n == 1:
         return {"kernel": attention_flops(s) / (kernel_tflops(c.kernel, s.seq_len) * 1e12)}
-    T, bw, k = s.seq_len / n, _bw(c, n), min(cal.slices, s.hk)  # the code never cuts more slices than KV heads
-    t_k = attention_flops(s) / (n * kernel_tflops(c.kernel, T) * 1e12)
-    cf, cb = FWD_SHARE[c.kernel] * t_k, (1 - FWD_SHARE[c.kernel]) * t_k
+    k = min(cal.slices, s.hk)  # the code never cuts more slices than KV heads
+    bw = cal.coll_eff * _bw(c, n)
+    kernel = "triton" if c.kernel in ALIGNED_CAUSAL_ONLY and s.visible < 1 else c.kernel
+    t_k = attention_flops(s) / (n * kernel_tflops(kernel, s.seq_len / (RUNS * n)) * 1e12)
+    cf, cb = FWD_SHARE[kernel] * t_k, (1 - FWD_SHARE[kernel]) * t_k
     kv = 2.0 * s.batch * s.seq_len * s.hk * s.head_dim * (n - 1) / n * s.layers
-    g, r = kv * s.dtype_bytes / bw, kv * cal.grad_bytes / bw
+    g, r = kv * s.dtype_bytes / bw, kv * cal.grad_bytes / bw  # gather (fwd, again bwd); fp32 reduce-scatter
     exposed = g / k + max(0.0, g - cf) * (k - 1) / k + (g + r) / k + max(0.0, g + r - cb) * (k - 1) / k
     lat = (cal.coll_latency_s if n <= c.gpus_per_node else cal.inter_latency_s) * 3 * k * s.layers
-    return {"kernel": t_k, "exposed_comm": exposed, "contention": cal.gamma * (k - 1) / k * (2 * g + r),
-            "fixed": lat}
+    return {"kernel": t_k, "calls": 2 * RUNS * k * cal.ag_call_s * s.layers, "exposed_comm": exposed,
+            "contention": cal.gamma * (k - 1) / k * (2 * g + r), "fixed": lat}
 
 
 def predict(s: AttnShape, c: Cluster, cal: Calib = DEFAULT) -> dict:
@@ -256,37 +301,61 @@ def best_mode(seq_len: int, *, gpus: int, heads: int, kv_heads: Optional[int] = 
     return best_of(s, c)[0]
 
 
+def efficiency(mode: str, kernel: str, gpus: int, seq_len: int, kv_heads: int = 32, cal: Calib = DEFAULT) -> float:
+    """Predicted efficiency of ``mode`` in the measured benchmark's shape (B=1 H=32 D=128 causal bf16; the
+    hybrid at the measured U=2)."""
+    s, c = AttnShape(seq_len=seq_len, kv_heads=kv_heads), Cluster(gpus=gpus, kernel=kernel)
+    u = HYBRID_MEASURED_U if mode == "hybrid" else None
+    return ideal_time(s, c) / mode_time(mode, s, c, cal, ulysses=u)["time"]
+
+
 def ring_efficiency(kernel: str, gpus: int, seq_len: int, cal: Calib = DEFAULT) -> float:
     """Predicted efficiency of the ring in the measured benchmark's shape (B=1 H=32 D=128 causal bf16)."""
-    s, c = AttnShape(seq_len=seq_len), Cluster(gpus=gpus, kernel=kernel)
-    return ideal_time(s, c) / mode_time("ring", s, c, cal)["time"]
+    return efficiency("ring", kernel, gpus, seq_len, 32, cal)
+
+
+FITTED = ("beta_bytes", "gamma", "ag_call_s")  # linear in the time; coll_eff is searched on a grid
 
 
 def calibrate(points=MEASURED, base: Calib = DEFAULT) -> Calib:
-    """Least-squares fit of (beta, gamma) to the measured ring times ``ideal / efficiency`` (relative errors),
-    ``alpha`` kept from ``base``. The model is linear in both: ``t = t0 + beta b + gamma g`` (numpy, host only)."""
+    """Least-squares fit to the measured times ``ideal / efficiency`` (relative errors) of every mode: for each
+    ``coll_eff`` on a 0.005 grid in [0.2, 1] the model is linear in (beta, gamma, ag_call_s), ``t = t0 + beta b +
+    gamma g + call c``, solved by least squares (clipped at 0); the grid point with the smallest squared error
+    wins. ``alpha`` and the latencies are kept from ``base`` (numpy, host only)."""
     import numpy as np
 
-    rows, rhs = [], []
-    zero = dataclasses.replace(base, beta_bytes=0.0, gamma=0.0)
-    for kernel, n, S, eff in points:
-        s, c = AttnShape(seq_len=S), Cluster(gpus=n, kernel=kernel)
-        t0 = mode_time("ring", s, c, zero)["time"]
-        cols = [mode_time("ring", s, c, dataclasses.replace(zero, **{f: 1.0}))["time"] - t0
-                for f in ("beta_bytes", "gamma")]
-        w = 1.0 / t0  # fit relative errors
-        rows.append([x * w for x in cols])
-        rhs.append((ideal_time(s, c) / eff - t0) * w)
-    sol, *_ = np.linalg.lstsq(np.array(rows), np.array(rhs), rcond=None)
-    b, g = (max(0.0, float(x)) for x in sol)
-    return dataclasses.replace(base, beta_bytes=b, gamma=g)
+    best = None
+    for eff in np.arange(0.2, 1.0 + 1e-9, 0.005):
+        zero = dataclasses.replace(base, coll_eff=float(eff), **{f: 0.0 for f in FITTED})
+        rows, rhs = [], []
+        for mode, kernel, n, S, hk, e in points:
+            s, c = AttnShape(seq_len=S, kv_heads=hk), Cluster(gpus=n, kernel=kernel)
+            u = HYBRID_MEASURED_U if mode == "hybrid" else None
+            t0 = mode_time(mode, s, c, zero, ulysses=u)["time"]
+            cols = [mode_time(mode, s, c, dataclasses.replace(zero, **{f: 1.0}), ulysses=u)["time"] - t0
+                    for f in FITTED]
+            rows.append([x / t0 for x in cols])
+            rhs.append((ideal_time(s, c) / e - t0) / t0)
+        a, y = np.array(rows), np.array(rhs)
+        sol = np.clip(np.linalg.lstsq(a, y, rcond=None)[0], 0.0, None)
+        err = float(np.sum((a @ sol - y) ** 2))
+        if best is None or err < best[0]:
+            best = (err, float(eff), sol)
+    _, eff, sol = best
+    return dataclasses.replace(base, coll_eff=eff, **{f: float(x) for f, x in zip(FITTED, sol)})
 
 
 def fit_table(cal: Calib = DEFAULT, points=MEASURED) -> list:
     """Per measured point: measured and predicted efficiency and the error (percentage points)."""
     out = []
-    for kernel, n, S, eff in points:
-        pred = ring_efficiency(kernel, n, S, cal)
-        out.append({"kernel": kernel, "gpus": n, "tokens": S, "measured": eff, "predicted": pred,
-                    "error_pp": 100 * (pred - eff)})
+    for mode, kernel, n, S, hk, eff in points:
+        pred = efficiency(mode, kernel, n, S, hk, cal)
+        out.append({"mode": mode, "kernel": kernel, "gpus": n, "tokens": S, "kv_heads": hk, "measured": eff,
+                    "predicted": pred, "error_pp": 100 * (pred - eff)})
     return out
+
+
+def fit_error(cal: Calib = DEFAULT, points=MEASURED) -> tuple:
+    """(mean |error|, worst |error|) in percentage points over ``points``."""
+    e = [abs(r["error_pp"]) for r in fit_table(cal, points)]
+    return sum(e) / len(e), max(e)
