@@ -51,6 +51,33 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def tensor_versions(*tensors) -> Optional[tuple]:
+    """The in-place version counters of ``tensors`` (None entries allowed; views share their base's
+    counter), or None when one has none (an inference tensor): then nothing derived may be cached."""
+    try:
+        return tuple(None if t is None else t._version for t in tensors)
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return None
+
+
+def memoized(owner, key: tuple, versions: Optional[tuple], compute):
+    """``compute()``, cached on the frozen ``owner`` (a :class:`Mask` or :class:`LocalMask`) under ``key``
+    while the ``versions`` of the tensors it reads are unchanged (an in-place write invalidates the entry).
+
+    Masks are values built once per forward and shared by every layer and by the backward, so what is
+    derived from them (per-call local masks, the Triton kernels' row/column intervals) is computed once
+    per mask instead of once per layer and pass. ``versions`` None: no caching."""
+    if versions is None:
+        return compute()
+    cache = owner.__dict__.setdefault("_derived", {})  # not a dataclass field: eq/repr/replace ignore it
+    hit = cache.get(key)
+    if hit is not None and hit[0] == versions:
+        return hit[1]
+    value = compute()
+    cache[key] = (versions, value)
+    return value
+
+
 @dataclass(frozen=True, eq=False)
 class LocalMask:
     """The mask of one kernel call, on global positions ``q_offset + q_stride * i`` / ``k_offset + k_stride * j``.
@@ -213,6 +240,14 @@ class Mask:
         a stride is not an int >= 1.
         """
         self._check_range(q_offset, sq, k_offset, sk, q_stride, k_stride)
+        # One LocalMask per distinct call shape: every layer (and an activation-checkpoint recompute)
+        # gets the same object, so the kernels' intervals derived from it are computed once (bounds.py).
+        key = ("local", q_offset, sq, k_offset, sk, q_stride, k_stride, None if device is None else str(device))
+        return memoized(self, key, tensor_versions(self.doc_ids),
+                        lambda: self._local(q_offset, sq, k_offset, sk, q_stride, k_stride, device))
+
+    def _local(self, q_offset: int, sq: int, k_offset: int, sk: int, q_stride: int, k_stride: int,
+               device) -> LocalMask:
         q_doc = k_doc = k_sink = None
         if self.doc_ids is not None:
             q_doc = self.doc_ids[:, q_offset::q_stride][:, :sq]

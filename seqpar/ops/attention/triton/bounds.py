@@ -8,7 +8,10 @@ element mask is two compares, and a tile outside the union of its rows' interval
 (:mod:`.masking`). For the dK/dV kernel the transposed intervals: the query rows that see each key.
 
 Tile-size independent (the autotuner picks tiles after this runs); O(B * (Sq + Sk)) torch ops on the
-inputs' device, no host sync.
+inputs' device, no host sync. Cached on the LocalMask (:func:`~seqpar.ops.attention.mask.memoized`):
+:meth:`Mask.local` hands every layer the same LocalMask and autograd keeps it for the backward, so a
+training step computes each interval tensor once per mask, not once per layer and pass; an in-place
+write to the ids, sinks or layout invalidates the cached copy.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from seqpar.ops.attention.mask import LocalMask
+from seqpar.ops.attention.mask import LocalMask, memoized, tensor_versions
 
 
 def _positions(offset: int, n: int, stride: int, device) -> Tensor:
@@ -52,16 +55,36 @@ def _layout_intervals(vis: Tensor, size: int, own_pos: Tensor, other_offset: int
     return lo, torch.where(last >= 0, hi, 0)
 
 
+def _cached(kind: str, fn, mask: LocalMask, b: int, sq: int, sk: int, device) -> Optional[Tensor]:
+    if mask.q_doc_ids is None and mask.block_sparse is None and mask.k_sink is None:
+        return None
+    vis = None if mask.block_sparse is None else mask.block_sparse[1]
+    return memoized(mask, (kind, b, sq, sk, str(torch.device(device))),
+                    tensor_versions(mask.q_doc_ids, mask.k_doc_ids, mask.k_sink, vis),
+                    lambda: fn(mask, b, sq, sk, device))
+
+
 def row_bounds(mask: LocalMask, b: int, sq: int, sk: int, device) -> Optional[Tensor]:
     """int32 ``[B, 4, Sq]``: per query row, its key interval ``[lo, hi)`` (documents and block-sparse
     extent) and its sink interval ``[lo, hi)``; empty intervals are ``[Sk, 0)``. None when the mask
-    has neither documents, block-sparse nor sinks (the kernels then take a dummy)."""
-    if mask.q_doc_ids is None and mask.block_sparse is None and mask.k_sink is None:
-        return None
-    lo = torch.zeros(b, sq, dtype=torch.int64, device=device)
-    hi = torch.full((b, sq), sk, dtype=torch.int64, device=device)
+    has neither documents, block-sparse nor sinks (the kernels then take a dummy). Cached on ``mask``:
+    read-only for the kernels."""
+    return _cached("rows", _row_bounds, mask, b, sq, sk, device)
+
+
+def col_bounds(mask: LocalMask, b: int, sq: int, sk: int, device) -> Optional[Tensor]:
+    """int32 ``[B, 3, Sk]``: per key, the interval ``[lo, hi)`` of query rows that may see it (documents,
+    block-sparse extent; empty ``[Sq, 0)``) and whether it is a sink (0/1). None as in :func:`row_bounds`;
+    cached likewise."""
+    return _cached("cols", _col_bounds, mask, b, sq, sk, device)
+
+
+def _row_bounds(mask: LocalMask, b: int, sq: int, sk: int, device) -> Tensor:
     if mask.q_doc_ids is not None:
         lo, hi = _doc_intervals(mask.q_doc_ids.to(device), mask.k_doc_ids.to(device))
+    else:
+        lo = torch.zeros(b, sq, dtype=torch.int64, device=device)
+        hi = torch.full((b, sq), sk, dtype=torch.int64, device=device)
     s_lo, s_hi = lo, lo
     if mask.k_sink is not None:  # sinks: a prefix of the document's keys, as long as its sink count
         flags = mask.k_sink.to(device=device, dtype=torch.int64).expand(b, sk)
@@ -78,15 +101,12 @@ def row_bounds(mask: LocalMask, b: int, sq: int, sk: int, device) -> Optional[Te
     return torch.stack([lo, hi, s_lo, s_hi], 1).to(torch.int32).contiguous()
 
 
-def col_bounds(mask: LocalMask, b: int, sq: int, sk: int, device) -> Optional[Tensor]:
-    """int32 ``[B, 3, Sk]``: per key, the interval ``[lo, hi)`` of query rows that may see it (documents,
-    block-sparse extent; empty ``[Sq, 0)``) and whether it is a sink (0/1). None as in :func:`row_bounds`."""
-    if mask.q_doc_ids is None and mask.block_sparse is None and mask.k_sink is None:
-        return None
-    lo = torch.zeros(b, sk, dtype=torch.int64, device=device)
-    hi = torch.full((b, sk), sq, dtype=torch.int64, device=device)
+def _col_bounds(mask: LocalMask, b: int, sq: int, sk: int, device) -> Tensor:
     if mask.q_doc_ids is not None:
         lo, hi = _doc_intervals(mask.k_doc_ids.to(device), mask.q_doc_ids.to(device))
+    else:
+        lo = torch.zeros(b, sk, dtype=torch.int64, device=device)
+        hi = torch.full((b, sk), sq, dtype=torch.int64, device=device)
     if mask.block_sparse is not None:
         size, vis = mask.block_sparse
         k_pos = _positions(mask.k_offset, sk, mask.k_stride, device)
