@@ -193,12 +193,19 @@ def check_architecture(cfg: Any) -> None:
     check(m.causal, "model.causal=false: the trainer trains a causal LM on next-token labels, which a "
           "bidirectional model would read off its input; set model.causal=true.")
     if a not in MASK_ATTENTIONS:
-        check(cp == 1, f"model.{'arch' if m.arch != 'llama' else 'attention'}={a} needs parallel.cp=1: its state is "
-              "not carried from rank to rank yet; use parallel.cp=1 (data parallelism still works).")
+        check(cp == 1 or a == "megalodon", f"model.{'arch' if m.arch != 'llama' else 'attention'}={a} needs "
+              "parallel.cp=1: its state is not carried from rank to rank yet; use parallel.cp=1 (data parallelism "
+              "still works).")
         check(not cfg.data.doc_mask, f"{a} has no document mask (its state would cross documents); set "
               "data.doc_mask=false (documents then attend across boundaries, as in the paper's LM training).")
         check(m.init_from is None, f"model.init_from with {a}: the Hugging Face import knows Llama weights only; "
               "unset model.init_from or use a mask option (dense, longformer, bigbird, blocksparse).")
+    if a == "megalodon" and cp > 1:  # the states pass rank to rank; every attention chunk must be on one rank
+        need, layout = cp * m.megalodon_chunk, cfg.parallel.layout
+        check(layout == "contiguous" and seq % need == 0, f"model.arch=megalodon with parallel.cp={cp} needs "
+              f"parallel.layout=contiguous (got {layout}) and train.seq_len={seq} a multiple of parallel.cp x "
+              f"model.megalodon_chunk = {need} (no attention chunk across ranks); set parallel.layout=contiguous "
+              f"and train.seq_len={need * max(1, round(seq / need))} (or a smaller model.megalodon_chunk).")
     check(a == "dense" or not cfg.lora.s2_attn, f"lora.s2_attn=true replaces the attention; it cannot be combined "
           f"with model.{'arch' if m.arch != 'llama' else 'attention'}={a}: set lora.s2_attn=false.")
     check(a != "reformer" or not m.reformer_reversible or cfg.parallel.fsdp == "none",

@@ -23,9 +23,16 @@ The chunked attention is one call of the injected ``attn_fn`` under ``Mask(causa
 needs no length divisible by ``c``. The value head dim may differ from the q/k head dim: the smaller of the two is
 zero-padded (padding q and k with zeros leaves every score unchanged).
 
-Not built: document masks (CEMA and the timestep norm would carry state across documents) and ``parallel.cp > 1``
-(the ops return their final states, so a rank-to-rank pipeline is possible, but is not wired): both are one
-ConfigError in :func:`seqpar.config.model.check_architecture`.
+``parallel.cp > 1`` (``parallel.layout=contiguous``, each rank's length a multiple of ``c``): every attention chunk
+lies on one rank, so attention is the plain local call; the sequential states cross ranks through an injected
+:class:`~seqpar.parallel.state_pass.StateComm` (:meth:`Megalodon.set_state_comm`). Each timestep norm (every
+layer's and the final one) all-gathers each shard's own statistics and starts from the merge of the earlier
+shards' (:func:`~seqpar.ops.timestep_norm.norm_prefix`); each CEMA runs its shard from zero, all-gathers the final
+states and adds the earlier shards' decayed share (:func:`~seqpar.ops.cema.cema_prefix`,
+:func:`~seqpar.ops.cema.cema_carry`): exact, differentiable, two small all-gathers per layer.
+
+Not built: document masks (CEMA and the timestep norm would carry state across documents): a ConfigError in
+:func:`seqpar.config.model.check_architecture`, as are the other cp layouts and lengths.
 """
 from __future__ import annotations
 
@@ -41,9 +48,9 @@ from torch import Tensor
 from seqpar.errors import ConfigError
 from seqpar.models.llama import AttnFn, FeedForward, Llama, RMSNorm, default_attention
 from seqpar.ops.attention.mask import Mask
-from seqpar.ops.cema import cema, cema_coefficients
+from seqpar.ops.cema import cema, cema_carry, cema_coefficients, cema_prefix
 from seqpar.ops.rope import apply_rope, compute_inv_freq, rope_cos_sin
-from seqpar.ops.timestep_norm import timestep_norm
+from seqpar.ops.timestep_norm import NormState, norm_prefix, norm_stats, timestep_norm
 
 
 def _call(step, *args):
@@ -51,11 +58,14 @@ def _call(step, *args):
 
 
 class TimestepNorm(nn.Module):
-    """:func:`seqpar.ops.timestep_norm.timestep_norm` with a learned affine map (weight 1, bias 0 at init)."""
+    """:func:`seqpar.ops.timestep_norm.timestep_norm` with a learned affine map (weight 1, bias 0 at init).
+    ``state_comm`` (a :class:`~seqpar.parallel.state_pass.StateComm`, or None): start from the earlier cp shards'
+    statistics."""
 
     def __init__(self, dim: int, groups: int, eps: float):
         super().__init__()
         self.groups, self.eps = groups, eps
+        self.state_comm = None
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
 
@@ -65,12 +75,19 @@ class TimestepNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):  # cumulative statistics in fp32 at least
-            return timestep_norm(x, self.groups, self.weight, self.bias, self.eps)[0]
+            state, comm, G = None, self.state_comm, self.groups
+            if comm is not None:  # one all-gather of [B, 1 + 2G]: (count, mean, var) of every shard
+                own = norm_stats(x, G)
+                every = comm.all_gather(torch.cat([own.count[:, None], own.mean, own.var], -1))  # [N, B, 1 + 2G]
+                state = norm_prefix(NormState(every[..., 0], every[..., 1:1 + G], every[..., 1 + G:]), comm.rank)
+            return timestep_norm(x, G, self.weight, self.bias, self.eps, state=state)[0]
 
 
 class CEMA(nn.Module):
     """MEGALODON's complex EMA (Sec. 3.1) over ``dim`` channels, ``ema_dim`` complex dimensions each, plus MEGA's
-    learned skip ``omega * x``. Parameters are real: ``eta`` is stored as ``[dim, h, 2]`` (real, imaginary)."""
+    learned skip ``omega * x``. Parameters are real: ``eta`` is stored as ``[dim, h, 2]`` (real, imaginary).
+    ``state_comm`` (a :class:`~seqpar.parallel.state_pass.StateComm`, or None): continue the earlier cp shards'
+    state (the shards must be of equal length)."""
 
     def __init__(self, dim: int, ema_dim: int):
         super().__init__()
@@ -80,6 +97,7 @@ class CEMA(nn.Module):
         self.beta = nn.Parameter(torch.ones(dim, ema_dim))  # expansion (MEGA eq. 2)
         self.eta = nn.Parameter(torch.zeros(dim, ema_dim, 2))  # projection (complex)
         self.omega = nn.Parameter(torch.zeros(dim))  # skip
+        self.state_comm = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -102,7 +120,11 @@ class CEMA(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             p, q = cema_coefficients(self.alpha.to(dt), self.delta.to(dt), self.theta.to(dt), self.beta.to(dt))
             eta = torch.view_as_complex(self.eta.to(dt).contiguous())
-            y, _ = cema(x.to(dt), p, q, eta)
+            y, h_last = cema(x.to(dt), p, q, eta)
+            comm = self.state_comm
+            if comm is not None:  # one all-gather of the final states [B, dim, h] complex; linear in h0
+                h0 = cema_prefix(comm.all_gather(h_last), q, x.shape[1], comm.rank)
+                y = y + cema_carry(h0, q, eta, x.shape[1])
             return (y + self.omega.to(dt) * x.to(dt)).to(x.dtype)
 
 
@@ -187,11 +209,22 @@ class Megalodon(Llama):
         self.norm = TimestepNorm(cfg.dim, cfg.megalodon_norm_groups, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.set_rope_scaling(cfg.rope_scaling)
+        self.state_comm = None
         self.init_weights()
 
     def set_attn_fn(self, attn_fn: Optional[AttnFn]) -> None:
         for layer in self.layers:
             layer.attn_fn = attn_fn if attn_fn is not None else default_attention
+
+    def set_state_comm(self, comm) -> None:
+        """Sequence parallelism (``parallel.cp > 1``, contiguous layout): every timestep norm and CEMA passes its
+        state over ``comm`` (a :class:`~seqpar.parallel.state_pass.StateComm` of the cp group; None: off).
+        Attention stays local (the injected ``attn_fn`` must be the plain one): this rank's length must be a
+        multiple of ``model.megalodon_chunk``, which :meth:`forward` checks."""
+        self.state_comm = comm
+        for module in self.modules():
+            if isinstance(module, (TimestepNorm, CEMA)):
+                module.state_comm = comm
 
     def set_rope_scaling(self, scaling: Optional[dict], seq_len: Optional[int] = None) -> None:
         """As :meth:`Llama.set_rope_scaling`, for the q/k head dim."""
@@ -239,6 +272,10 @@ class Megalodon(Llama):
         if tokens.shape != positions.shape:
             raise ValueError(f"tokens {tuple(tokens.shape)} and positions {tuple(positions.shape)} must both be [B, S].")
         self.attention_mask(doc_ids)
+        comm, c = self.state_comm, self.cfg.megalodon_chunk
+        if comm is not None and comm.size > 1 and tokens.shape[1] % c:
+            raise ValueError(f"model.arch=megalodon under cp: this rank's {tokens.shape[1]} tokens are not a multiple "
+                             f"of model.megalodon_chunk={c}, so an attention chunk would span two ranks.")
         mask = self.chunk_mask(*tokens.shape, tokens.device)
         h = self.tok_embeddings(tokens)  # [B, S] -> [B, S, dim]
         cos, sin = rope_cos_sin(positions, self._rope_inv_freq(positions.device), self.rope_attention_scale)

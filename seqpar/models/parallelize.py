@@ -13,7 +13,9 @@ Order, as torchtitan's ``parallelize_llama`` documents its own (TP -> AC -> comp
    backward reads the block's all-gathered weights;
 4. FSDP2 (``parallel.fsdp``, :mod:`seqpar.parallel.fsdp`): shards each block, then the root.
 
-Context parallelism needs no surgery: the trainer injects ring attention as the model's ``attn_fn``.
+Context parallelism needs no surgery: the trainer injects ring attention as the model's ``attn_fn``; a model
+with sequential state (MEGALODON's ``set_state_comm``) is handed the cp group's
+:class:`~seqpar.parallel.state_pass.StateComm` first.
 """
 from __future__ import annotations
 
@@ -47,6 +49,10 @@ def parallelize(model: nn.Module, mesh: "Mesh", *, fsdp: str = "dp_cp", ac: str 
     Raises:
         ValueError: unknown ``ac`` or ``fsdp`` mode.
     """
+    if mesh.cp > 1 and hasattr(model, "set_state_comm"):
+        from seqpar.parallel.state_pass import StateComm
+
+        model.set_state_comm(StateComm(mesh.cp_group))
     apply_blockwise_ffn(model, ffn_chunk)
     if compile:
         compile_model(model, backend=compile_backend)

@@ -19,6 +19,9 @@ Here ``beta`` is folded into ``p`` (:func:`cema_coefficients`), so the ops below
   at chunk ends is a prefix scan ``H_n = q^c H_{n-1} + b_n`` done in ``log2(#chunks)`` doubling steps; each chunk
   then adds the decayed incoming state, ``Re(sum_k eta q^{t+1} H_{n-1})``. Both take an initial state ``h0`` and
   return the final one, so a sequence can be continued segment by segment (or rank by rank).
+* Sequence-parallel pieces (``parallel.cp > 1``): the outputs are linear in ``h0``, ``cema(x, h0) = cema(x)[0] +
+  cema_carry(h0)``, so each rank runs its shard from zero, and :func:`cema_prefix` folds the shards' final states
+  into the state before this rank's shard (a parallel prefix over ranks: ``sum_{j<r} q^{L (r-1-j)} h_j``).
 
 Powers ``q^n`` are built as ``|q|^n e^{i n theta}`` from ``exp(n log|q|)``: no repeated products, no overflow.
 """
@@ -136,3 +139,35 @@ def cema(x: Tensor, p: Tensor, q: Tensor, eta: Tensor, h0: Optional[Tensor] = No
     last_w = p[..., None] * qp[..., :r].flip(-1)  # p q^{r-1-s}, s < r
     h_last = qp[..., r] * h_in[:, -1] + torch.einsum("dhs,bsd->bdh", last_w, xz[:, -1, :r])
     return y, h_last
+
+
+def cema_carry(h0: Tensor, q: Tensor, eta: Tensor, length: int, *, chunk: int = 64) -> Tensor:
+    """The share of an initial state in :func:`cema`'s outputs: ``Re(sum_k eta q^{t+1} h0)`` for ``t < length``, so
+    ``cema(x, p, q, eta, h0)[0] == cema(x, p, q, eta)[0] + cema_carry(h0, q, eta, S)`` up to rounding.
+
+    ``h0 [B, d, h]`` complex, ``q, eta [d, h]`` complex -> ``[B, length, d]`` real (q's real dtype); chunked as
+    :func:`cema` (``q^{t+1}`` for one chunk, ``q^{n c}`` per chunk start): memory ``B n d h``, not ``d h length``.
+    """
+    B, (d, h) = h0.shape[0], q.shape
+    if length == 0:
+        return h0.real.new_zeros(B, 0, d)
+    c = min(chunk, length)
+    n = -(-length // c)
+    steps = torch.arange(c + 1, device=q.device)
+    carry_w = eta[..., None] * _powers(q, steps[1:])  # [d, h, c]: eta q^{t+1}
+    h_in = torch.einsum("dhn,bdh->bndh", _powers(q, torch.arange(n, device=q.device) * c), h0)  # q^{n c} h0
+    y = torch.einsum("dht,bndh->bntd", carry_w, h_in).real
+    return y.reshape(B, n * c, d)[:, :length]
+
+
+def cema_prefix(finals: Tensor, q: Tensor, length: int, rank: int) -> Tensor:
+    """The state before shard ``rank`` of a sequence cut into equal shards of ``length`` tokens, from every shard's
+    final state when run from zero: ``sum_{j < rank} q^{length (rank-1-j)} finals_j`` (zeros for rank 0).
+
+    ``finals [N, B, d, h]`` complex, ``q [d, h]`` -> ``[B, d, h]``. Every shard enters the sum (weight 0 from
+    ``rank`` on), so the gradient reaches every shard's state on every rank: the collective that gathered
+    ``finals`` runs its backward on all ranks alike.
+    """
+    j = torch.arange(finals.shape[0], device=q.device)
+    w = _powers(q, (rank - 1 - j).clamp_min(0) * length) * (j < rank).to(q.real.dtype)  # [d, h, N]
+    return torch.einsum("dhj,jbdh->bdh", w, finals)

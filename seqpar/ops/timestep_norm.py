@@ -15,6 +15,8 @@ normalised in turn equal the whole.
 * :func:`timestep_norm_reference`: the definition, one prefix at a time (the float64 reference).
 * :func:`timestep_norm`: cumulative sums, computed in fp32 at least and shifted by a per-row, per-group centre (the
   prior mean, or the first token's) so the sum of squares does not cancel catastrophically.
+* Sequence-parallel pieces (``parallel.cp > 1``): :func:`norm_stats` (a shard's own statistics, no outputs) and
+  :func:`norm_prefix` (Chan et al.'s merge of the shards before this rank's): the state to start its shard from.
 """
 from __future__ import annotations
 
@@ -75,14 +77,16 @@ def timestep_norm(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: flo
     dt = torch.promote_types(x.dtype, torch.float32)
     xg = x.to(dt).reshape(B, S, groups, d // groups)  # [B, S, G, d/G]
     m = d // groups
+    first = xg[:, :1].mean(-1).detach() if S else x.new_zeros(B, 1, groups, dtype=dt)  # [B, 1, G]
     if state is None:
         prior_n = torch.zeros(B, 1, 1, dtype=dt, device=x.device)
-        centre = xg[:, :1].mean(-1).detach() if S else x.new_zeros(B, 1, groups, dtype=dt)  # [B, 1, G]
+        centre = first
         prior_sq = torch.zeros(B, 1, groups, dtype=dt, device=x.device)
         prior_sum = prior_sq
     else:
         prior_n = state.count.to(dt).view(B, 1, 1) * m  # elements seen before
-        centre = state.mean.to(dt).detach()[:, None]  # [B, 1, G]
+        # An empty state (count 0: the first shard under cp) centres on the first token, as state=None does.
+        centre = torch.where(prior_n > 0, state.mean.to(dt).detach()[:, None], first)  # [B, 1, G]
         # Around the centre: the prior contributes n (mean - centre) (= 0 up to the detach) and n (var + (mean - centre)^2).
         shift = state.mean.to(dt)[:, None] - centre
         prior_sum = prior_n * shift
@@ -101,3 +105,32 @@ def timestep_norm(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: flo
         return out.to(x.dtype), last
     count = (n[:, -1, 0] / m)  # tokens seen so far
     return out.to(x.dtype), NormState(count, centre[:, 0] + mean_c[:, -1], var[:, -1])
+
+
+def norm_stats(x: Tensor, groups: int) -> NormState:
+    """The state :func:`timestep_norm` returns after ``x [B, S, d]`` alone, without computing its outputs:
+    ``count`` S tokens, the group ``mean`` and population ``var`` (two passes, fp32 at least)."""
+    B, S, d = x.shape
+    dt = torch.promote_types(x.dtype, torch.float32)
+    if S == 0:
+        zeros = x.new_zeros(B, groups, dtype=dt)
+        return NormState(x.new_zeros(B, dtype=dt), zeros, zeros)
+    xg = x.to(dt).reshape(B, S, groups, d // groups).transpose(1, 2).reshape(B, groups, -1)  # [B, G, S * d/G]
+    mean = xg.mean(-1)
+    var = (xg - mean[..., None]).square().mean(-1)
+    return NormState(x.new_full((B,), S, dtype=dt), mean, var)
+
+
+def norm_prefix(shards: NormState, rank: int) -> NormState:
+    """The statistics of shards ``0 .. rank-1`` together, from each shard's own (``count [N, B]``, ``mean`` and
+    ``var [N, B, G]``), by Chan et al.'s parallel merge: ``n = sum n_j``, ``mean = sum n_j mean_j / n``,
+    ``var = sum n_j (var_j + (mean_j - mean)^2) / n``. Rank 0 gets count 0 (mean and var 0), which
+    :func:`timestep_norm` treats as no state. Every shard enters the sums (weight 0 from ``rank`` on), so the
+    gradient reaches every shard's statistics on every rank."""
+    before = (torch.arange(shards.count.shape[0], device=shards.count.device) < rank).to(shards.count.dtype)
+    w = (before[:, None] * shards.count)[..., None]  # [N, B, 1]
+    n = w.sum(0)  # [B, 1]
+    div = torch.where(n > 0, n, torch.ones_like(n))
+    mean = (w * shards.mean).sum(0) / div
+    var = (w * (shards.var + (shards.mean - mean).square())).sum(0) / div
+    return NormState(n[:, 0], mean, var)

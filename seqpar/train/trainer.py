@@ -111,7 +111,7 @@ class Trainer:
             from seqpar.ops.s2attn import make_s2_attn_fn
 
             return make_s2_attn_fn(int(self.cfg.lora.s2_group_ratio * self.cfg.train.seq_len), backend=p.attention_backend)
-        if self.mesh.cp == 1:
+        if self.mesh.cp == 1 or self.cfg.model.arch == "megalodon":  # megalodon: chunks are rank-local
             return functools.partial(attention, backend=p.attention_backend)
         from seqpar.parallel.attention_fn import cp_attn_fn
 

@@ -164,8 +164,16 @@ def test_cp_and_document_masks_are_one_clear_error(tmp_path):
     from seqpar.config import ParallelConfig
 
     cfg = _train_cfg(tmp_path)
-    with pytest.raises(ConfigError, match=r"model.arch=megalodon needs parallel.cp=1"):
-        dataclasses.replace(cfg, parallel=ParallelConfig(cp=2))
+    par = dataclasses.replace(cfg.parallel, cp=2, layout="contiguous")
+    seq = cfg.train.seq_len  # 64 = 2 ranks x 2 chunks of 16 (MEGALODON below)
+    dataclasses.replace(cfg, parallel=par)  # contiguous, whole chunks per rank: built
+    for bad in (dict(parallel=ParallelConfig(cp=2)),  # the default layout, zigzag
+                dict(parallel=dataclasses.replace(par, layout="striped")),
+                dict(parallel=par, train=dataclasses.replace(cfg.train, seq_len=seq + 2)),  # 33 tokens per rank
+                dict(parallel=par, model=dataclasses.replace(cfg.model, megalodon_chunk=64))):  # chunk > 32 per rank
+        with pytest.raises(ConfigError, match=r"model.arch=megalodon with parallel.cp=2 needs "
+                                              r"parallel.layout=contiguous .*train.seq_len=\d+ a multiple"):
+            dataclasses.replace(cfg, **bad)
     with pytest.raises(ConfigError, match=r"megalodon has no document mask.*data.doc_mask=false"):
         dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, doc_mask=True))
 
