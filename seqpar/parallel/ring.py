@@ -57,13 +57,14 @@ class RingComm:
         self._count = 0
         self._pending: Optional[RingHandle] = None
 
-    def _recv_buffers(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+    def _recv_buffers(self, tensors: Sequence[Tensor], rows: Optional[int]) -> list[Tensor]:
         slot = self._count % 2
         bufs = self._buffers[slot]
+        shapes = [t.shape if rows is None else (t.shape[0], rows, *t.shape[2:]) for t in tensors]
         fits = bufs is not None and len(bufs) == len(tensors) and all(
-            b.shape == t.shape and b.dtype == t.dtype and b.device == t.device for b, t in zip(bufs, tensors))
+            b.shape == s and b.dtype == t.dtype and b.device == t.device for b, t, s in zip(bufs, tensors, shapes))
         if not fits:
-            bufs = [t.new_empty(t.shape) for t in tensors]
+            bufs = [t.new_empty(s) for t, s in zip(tensors, shapes)]
             self._buffers[slot] = bufs
         return bufs
 
@@ -73,13 +74,15 @@ class RingComm:
         return (dist.get_global_rank(self._g, (self.rank + shift) % n),
                 dist.get_global_rank(self._g, (self.rank - shift) % n))
 
-    def send_recv(self, tensors: Sequence[Tensor], shift: int = 1) -> RingHandle:
+    def send_recv(self, tensors: Sequence[Tensor], shift: int = 1, recv_rows: Optional[int] = None) -> RingHandle:
         """Send ``tensors`` (contiguous) to the next rank and receive the previous rank's into buffers.
 
         ``shift``: send to rank ``+shift`` and receive from rank ``-shift`` instead (every rank the same
         shift, so it stays a permutation; a ring truncated after ``s`` steps sends its dK/dV home with
         ``shift=-s`` in one hop). A shift of 0 (mod N) exchanges nothing and returns ``tensors``.
-        Every rank of the ring must call this with the same shapes and dtypes. The previous handle
+        Every rank of the ring must call this with the same shapes and dtypes, except ``recv_rows``: the
+        received tensors have that size in dim 1 (what the sender sends; None: the sent shapes). A tensor
+        of zero elements is not sent, nor received (both sides know the sizes). The previous handle
         must have been waited on first (its buffers are about to be reused).
         """
         if self._pending is not None:
@@ -87,7 +90,7 @@ class RingComm:
         if self.world_size == 1 or shift % self.world_size == 0:
             handle = RingHandle(self, [], list(tensors))
         else:
-            recv = self._recv_buffers(tensors)
+            recv = self._recv_buffers(tensors, recv_rows)
             send_to, recv_from = (self.next_peer, self.prev_peer) if shift == 1 else self._peers(shift)
             ops = []
             for i, (t, r) in enumerate(zip(tensors, recv)):
@@ -95,9 +98,11 @@ class RingComm:
                     raise ValueError(f"RingComm sends contiguous tensors only; tensor {i} of shape "
                                      f"{tuple(t.shape)} has strides {t.stride()}.")
                 # Tags keep gloo's per-peer matching unambiguous; NCCL ignores them and keeps order.
-                ops.append(dist.P2POp(dist.isend, t, send_to, self.group, tag=i))
-                ops.append(dist.P2POp(dist.irecv, r, recv_from, self.group, tag=i))
-            handle = RingHandle(self, dist.batch_isend_irecv(ops), recv)
+                if t.numel():
+                    ops.append(dist.P2POp(dist.isend, t, send_to, self.group, tag=i))
+                if r.numel():
+                    ops.append(dist.P2POp(dist.irecv, r, recv_from, self.group, tag=i))
+            handle = RingHandle(self, dist.batch_isend_irecv(ops) if ops else [], recv)
         self._count += 1
         self._pending = handle
         return handle

@@ -17,6 +17,9 @@ pairs run, one kernel call each with its :class:`~seqpar.ops.attention.LocalMask
 strides of the pieces) on the backend the registry selects for it; a step with no visible pair on a
 rank makes no kernel call, and the ring stops after the last step any rank needs (``plan.steps``):
 the K/V blocks it skips are never sent, and the dK/dV accumulators go home in one direct hop.
+A hop moves only the key rows that calls on later steps use (``plan.held``, e.g. the last ``W`` keys of a
+shard for a causal window ``W`` on contiguous shards; :mod:`seqpar.parallel.ring_rows`), and the backward
+sends back the dK/dV of just those rows (``plan.home``), which the owner adds to its own at their offset.
 Every :class:`~seqpar.ops.Mask` kind runs (documents, windows incl. two-sided, sinks, block-sparse)
 on every layout (``zigzag``, ``striped``, ``contiguous`` and the document-balanced ``docs``).
 """
@@ -113,6 +116,22 @@ def _last_call(plan: RingPlan) -> tuple[int, int]:
     return -1, -1
 
 
+def _base(plan: RingPlan, step: int) -> int:
+    """The owner-local row of the first key row this rank holds at ``step`` (0: the whole block)."""
+    return 0 if plan.held is None else plan.held[step][plan.rank][0]
+
+
+def _hop(comm: RingComm, plan: RingPlan, kv: list, step: int):
+    """Send at ``step`` the rows of the held block that the next rank holds at ``step + 1`` (contiguous: a
+    view when the batch is 1, else one copy of those rows) and receive the rows this rank holds then."""
+    if plan.held is None:
+        return comm.send_recv(kv)
+    n, r = len(plan.held[0]), plan.rank
+    (lo, hi), (a, b), (c, d) = plan.held[step][r], plan.held[step + 1][(r + 1) % n], plan.held[step + 1][r]
+    send = kv if (a, b) == (lo, hi) else [x[:, a - lo:b - lo].contiguous() if b > a else x[:, :0] for x in kv]
+    return comm.send_recv(send, recv_rows=d - c)
+
+
 def _ring_forward(q, k, v, comm: RingComm, plan: RingPlan, scale, merge: str = "auto"):
     """Returns out ``[B, L, H, D]`` in q's dtype and lse ``[B, H, L]`` in the accumulation dtype (fp32/fp64)."""
     acc = torch.promote_types(q.dtype, torch.float32)
@@ -123,9 +142,10 @@ def _ring_forward(q, k, v, comm: RingComm, plan: RingPlan, scale, merge: str = "
     kv = [k, v]
     last = plan.steps - 1
     for step in range(plan.steps):
-        handle = comm.send_recv(kv) if step < last else None  # next block in flight during compute
+        handle = _hop(comm, plan, kv, step) if step < last else None  # next block in flight during compute
+        base = _base(plan, step)
         for i, (c, lm, record) in enumerate(zip(plan.calls[step], plan.masks[step], plan.records[step])):
-            qs, ks = slice(c.q_start, c.q_start + c.q_len), slice(c.k_start, c.k_start + c.k_len)
+            qs, ks = slice(c.q_start, c.q_start + c.q_len), slice(c.k_start - base, c.k_start - base + c.k_len)
             all_rows = c.q_start == 0 and c.q_len == q.shape[1]
             # A kernel that merges into running fp32 (out, lse) in place saves the separate merge pass.
             if record.ring_accumulators and acc == torch.float32 and all_rows and run.started:
@@ -152,20 +172,27 @@ def _ring_backward(dout, q, k, v, out, lse, delta, group, plan: RingPlan, scale,
     # keys on every rank, one backend) the kernel's own gradient, exact, half the bytes of fp32 and no cast
     # pass; fp32 otherwise.
     classic = bool(plan.calls[0]) and plan.calls[0][0].classic is not None
-    kv, dkv_handle = [k, v], None
+    # Trimmed hops: the rows of block o that steps >= 1 touch travel alone (in fp32, added once at home),
+    # where that is fewer bytes than the whole block in k's dtype; the owner keeps its step-0 gradient.
+    n, r, L = len(plan.work), plan.rank, k.shape[1]
+    home = plan.home if plan.home is not None and \
+        max(hi - lo for lo, hi in plan.home) * acc.itemsize < L * k.element_size() else None
+    kv, dkv_handle, own = [k, v], None, None
     last = plan.steps - 1
     for step in range(plan.steps):
-        kv_handle = kv_comm.send_recv(kv) if step < last else None
+        kv_handle = _hop(kv_comm, plan, kv, step) if step < last else None
         # This rank's contributions to the held block's dK/dV are summed apart from the accumulators
         # arriving from the previous rank, so those are needed only after the compute (their transfer
         # overlaps it), then added in one pass.
-        sums = [RunningSum(t.shape, t.dtype, t.device, impl) for t in kv]
-        calls = zip(plan.calls[step], plan.masks[step], plan.records[step])
+        alo, ahi = home[(r - step) % n] if home is not None and step > 0 else (0, L)
+        sums = [RunningSum((t.shape[0], ahi - alo, *t.shape[2:]), t.dtype, t.device, impl) for t in (k, v)]
+        calls, base = zip(plan.calls[step], plan.masks[step], plan.records[step]), _base(plan, step)
         for i, (c, lm, record) in enumerate(calls):
-            qs, ks = slice(c.q_start, c.q_start + c.q_len), slice(c.k_start, c.k_start + c.k_len)
+            qs, ks = slice(c.q_start, c.q_start + c.q_len), slice(c.k_start - base, c.k_start - base + c.k_len)
+            ka = slice(c.k_start - alo, c.k_start - alo + c.k_len)  # the rows in the accumulators
             extra = {}
             if record.ring_accumulators and acc == torch.float32:  # the kernel adds into fp32 views in place
-                extra = dict(dq_acc=dq.buffer()[:, qs], dk_acc=sums[0].buffer()[:, ks], dv_acc=sums[1].buffer()[:, ks])
+                extra = dict(dq_acc=dq.buffer()[:, qs], dk_acc=sums[0].buffer()[:, ka], dv_acc=sums[1].buffer()[:, ka])
             if record.takes_delta:
                 extra["delta"] = delta[:, :, qs]
             dq_b, dk_b, dv_b = record.backward(dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs],
@@ -174,19 +201,30 @@ def _ring_backward(dout, q, k, v, out, lse, delta, group, plan: RingPlan, scale,
             if dq_b is not extra.get("dq_acc"):
                 dq.add(dq_b, c.q_start, final=(step, i) == final_at)
             if dk_b is not extra.get("dk_acc"):
-                sums[0].add(dk_b, c.k_start)
-                sums[1].add(dv_b, c.k_start)
+                sums[0].add(dk_b, ka.start)
+                sums[1].add(dv_b, ka.start)
+        if home is not None and step == 0:  # the owner's own gradient stays here
+            own = sums
+            kv = kv_handle.wait()
+            continue
         incoming = dkv_handle.wait() if dkv_handle is not None else (None, None)
         if kv_handle is not None:
             kv = kv_handle.wait()
         # Complete sums are rounded to k's dtype now, which the result gets anyway, so the hop that takes
         # them home (the one transfer nothing overlaps) carries half the bytes.
-        dtype = k.dtype if step == last else (None if step == 0 and classic else acc)
+        dtype = acc if home is not None else k.dtype if step == last else (None if step == 0 and classic else acc)
         dk, dv = (s.added_to(a, dtype).contiguous() for s, a in zip(sums, incoming))  # a kernel's own may be strided
         # The accumulators travel with their K/V block; after the last step the block of rank
         # r - last is complete and goes straight home (shift -last; -(N-1) is the next rank).
-        dkv_handle = dkv_comm.send_recv([dk, dv], shift=-last if step == last else 1)
+        src = (0, None) if home is None else home[r] if step == last else home[(r - 1 - step) % n]
+        rows = None if home is None else src[1] - src[0]  # what the sender's accumulators hold
+        dkv_handle = dkv_comm.send_recv([dk, dv], shift=-last if step == last else 1, recv_rows=rows)
     dk, dv = dkv_handle.wait()
+    if own is not None:  # rows home[r] of this block's gradient came home: add them at their offset
+        for s, t in zip(own, (dk, dv)):
+            if t.shape[1]:
+                s.add(t, home[r][0], final=True)
+        dk, dv = own[0].result(), own[1].result()
     return dq.result(), dk, dv
 
 

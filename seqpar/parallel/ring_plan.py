@@ -30,6 +30,7 @@ from torch import Tensor
 
 from seqpar.ops.attention import LocalMask, Mask, select
 from seqpar.parallel.layout import LAYOUTS, local_positions, rank_pieces
+from seqpar.parallel.ring_rows import key_span, row_ranges
 
 _LOCAL = {False: LocalMask(causal=False), True: LocalMask(causal=True)}  # aligned diagonal or full
 
@@ -91,13 +92,17 @@ class Call:
 class RingPlan:
     """The plan of one ring call on this rank. ``steps``: ring steps run (1 = local only, no comms);
     ``calls[s]``/``masks[s]``/``records[s]``: this rank's kernel calls at step ``s`` with their
-    LocalMask and backend; ``work[r]``: (query, key) pairs the calls of rank ``r`` cover."""
+    LocalMask and backend; ``work[r]``: (query, key) pairs the calls of rank ``r`` cover; ``held``/``home``:
+    the key rows each hop moves (:func:`~seqpar.parallel.ring_rows.row_ranges`; None: whole blocks)."""
 
     steps: int
     calls: list
     masks: list
     records: list
     work: list = field(default_factory=list)
+    held: Optional[list] = None
+    home: Optional[list] = None
+    rank: int = 0
 
     @property
     def num_calls(self) -> int:
@@ -262,8 +267,13 @@ def _generic_calls(mask: Mask, layout: str, n: int, seq_len: int) -> list:
             calls = []
             for ql0, qp, qn in pieces[r]:
                 for kl0, kp, kn in pieces[(r - s) % n]:
-                    if info.any_visible(qp, kp):
-                        calls.append(Call(ql0, qn, kl0, kn, qp[0], qp[2], kp[0], kp[2], info.kinds(qp, kp)))
+                    if info.any_visible(qp, kp):  # only the keys some query sees, the queries some key reaches
+                        a, b = key_span(info.any_visible, qp, kp, kn)
+                        ks = (kp[0] + a * kp[2], kp[0] + b * kp[2], kp[2])
+                        c, d = key_span(lambda x, y: info.any_visible(y, x), ks, qp, qn)
+                        qs = (qp[0] + c * qp[2], qp[0] + d * qp[2], qp[2])
+                        calls.append(Call(ql0 + c, d - c + 1, kl0 + a, b - a + 1, qs[0], qs[2], ks[0], ks[2],
+                                          info.kinds(qs, ks)))
             steps.append(tuple(calls))
         plan.append(steps)
     return plan
@@ -285,12 +295,13 @@ def build_plan(q: Tensor, k: Tensor, *, mask: Optional[Mask], causal: bool, layo
     if mask is None or (mask.kinds <= {"causal"} and layout != "docs"):
         c = bool(causal if mask is None else mask.causal)
         record = select(backend, q, k, _LOCAL[c])
+        every_c = [[plan_step(layout, c, r, (r - s) % n, n, L) for s in range(n)] for r in range(n)]
         calls = [tuple(Call(x.q_start, x.q_end - x.q_start, x.k_start, x.k_end - x.k_start, classic=x.causal)
-                       for x in plan_step(layout, c, rank, (rank - s) % n, n, L)) for s in range(n)]
-        work = [sum((x.q_end - x.q_start) * (x.k_end - x.k_start) for s in range(n)
-                    for x in plan_step(layout, c, r, (r - s) % n, n, L)) for r in range(n)]
+                       for x in every_c[rank][s]) for s in range(n)]
+        work = [sum((x.q_end - x.q_start) * (x.k_end - x.k_start) for cs in row for x in cs) for row in every_c]
+        held, home = row_ranges([[[(x.k_start, x.k_end) for x in cs] for cs in row] for row in every_c], n, L)
         return RingPlan(n, calls, [[_LOCAL[x.classic] for x in cs] for cs in calls],
-                        [[record] * len(cs) for cs in calls], work)
+                        [[record] * len(cs) for cs in calls], work, held, home, rank)
     every = _generic_calls(mask, layout, n, s_glob)
     steps = 1 + max((s for r in range(n) for s in range(1, n) if every[r][s]), default=0)
     ids = None if mask.doc_ids is None else mask.doc_ids.to(q.device)
@@ -308,7 +319,9 @@ def build_plan(q: Tensor, k: Tensor, *, mask: Optional[Mask], causal: bool, layo
     recs = [[records[(c.kinds, c.q_offset == c.k_offset and c.q_len == c.k_len and c.q_stride == c.k_stride)]
              for c in cs] for cs in mine]
     work = [sum(c.q_len * c.k_len for s in range(steps) for c in every[r][s]) for r in range(n)]
-    return RingPlan(steps, mine, masks, recs, work)
+    held, home = row_ranges([[[(c.k_start, c.k_start + c.k_len) for c in cs] for cs in row[:steps]] for row in every],
+                            steps, L)
+    return RingPlan(steps, mine, masks, recs, work, held, home, rank)
 
 
 # ------------------------------------------------------------------------------ masked work per rank
