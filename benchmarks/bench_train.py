@@ -27,7 +27,6 @@ Writes JSON, markdown and a PNG (MFU vs GPUs) into ``--out`` and prints the tabl
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
@@ -115,16 +114,10 @@ def own_records(path: str, since: float, steps: int) -> list:
     run was started; the logger stamps every record) with a step in 1..``steps``, each step once. Records
     of another run in the same file are left out; a step logged twice after ``since`` (two runs writing
     at once) raises ValueError instead of being averaged in silently."""
-    recs = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except ValueError:
-                    continue  # a line cut by a kill
-                if "tokens_per_s" in r and r.get("time", 0) >= since and 1 <= r.get("step", 0) <= steps:
-                    recs.append(r)
+    from seqpar.train.metrics import read_records
+
+    recs = [r for _, r in read_records(path)
+            if "tokens_per_s" in r and r.get("time", 0) >= since and 1 <= r.get("step", 0) <= steps]
     seen = [r["step"] for r in recs]
     if len(seen) != len(set(seen)):
         raise ValueError(f"{path}: steps logged more than once since this run started ({sorted(seen)}); "

@@ -18,7 +18,6 @@ first run's and the largest difference before and after the interruption; a seco
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -34,13 +33,10 @@ COMMON = ["checkpoint.resume=true", "train.eval_every=0", "logging.log_every=1",
 
 def losses(run_dir: str) -> dict:
     """``{step: loss}`` from a run's metrics.jsonl (the last record of a step wins; skipped steps dropped)."""
-    out = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            rec = json.loads(line)
-            if "loss" in rec and rec.get("loss") is not None and not rec.get("skipped"):
-                out[rec["step"]] = rec["loss"]
-    return out
+    from seqpar.train.metrics import read_records
+
+    return {rec["step"]: rec["loss"] for _, rec in read_records(os.path.join(run_dir, "metrics.jsonl"))
+            if rec.get("loss") is not None and not rec.get("skipped")}
 
 
 def summarize(base: dict, other: dict, split: int | None = None) -> dict:
@@ -64,9 +60,9 @@ def launch(nproc: int, run_dir: str, overrides: list, stop_at: int | None = None
     cmd = [sys.executable, "-m", "seqpar.launch", "--standalone", f"--nproc_per_node={nproc}", "train.py",
            f"logging.run_dir={run_dir}", *COMMON, *overrides]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(run_dir + ".log", "a"), stderr=subprocess.STDOUT)
-    t0, metrics = time.time(), os.path.join(run_dir, "metrics.jsonl")
+    t0 = time.time()
     while proc.poll() is None and time.time() - t0 < timeout:
-        if stop_at is not None and os.path.exists(metrics) and max(losses(run_dir), default=0) >= stop_at:
+        if stop_at is not None and max(losses(run_dir), default=0) >= stop_at:
             proc.send_signal(signal.SIGTERM)
             stop_at = None
         time.sleep(0.2)

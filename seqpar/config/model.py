@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from seqpar.config.checks import check, check_choice, check_positive
-from seqpar.models.options import ARCHS, ATTENTIONS, MASK_ATTENTIONS
+from seqpar.models.options import ARCHS, ATTENTIONS, MASK_ATTENTIONS, RANK_LOCAL_ATTENTION
 from seqpar.ops.rope import validate_scaling
 
 @dataclass(frozen=True)
@@ -193,7 +193,7 @@ def check_architecture(cfg: Any) -> None:
     check(m.causal, "model.causal=false: the trainer trains a causal LM on next-token labels, which a "
           "bidirectional model would read off its input; set model.causal=true.")
     if a not in MASK_ATTENTIONS:
-        check(cp == 1 or a == "megalodon", f"model.{'arch' if m.arch != 'llama' else 'attention'}={a} needs "
+        check(cp == 1 or a in RANK_LOCAL_ATTENTION, f"model.{'arch' if m.arch != 'llama' else 'attention'}={a} needs "
               "parallel.cp=1: its state is not carried from rank to rank yet; use parallel.cp=1 (data parallelism "
               "still works).")
         check(not cfg.data.doc_mask, f"{a} has no document mask (its state would cross documents); set "

@@ -5,3 +5,6 @@ ATTENTIONS = ("dense", "longformer", "bigbird", "blocksparse", "performer", "lin
 ARCHS = ("llama", "infini", "megalodon")
 # Options that are masks on the shared kernels: they run through the ring and the document mask.
 MASK_ATTENTIONS = ("dense", "longformer", "bigbird", "blocksparse")
+# Options whose attention never crosses a cp rank (chunks local to a shard) and whose sequential state passes
+# between ranks instead: under parallel.cp > 1 they get plain local attention, not a context-parallel mode.
+RANK_LOCAL_ATTENTION = ("megalodon",)

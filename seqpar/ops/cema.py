@@ -148,7 +148,7 @@ def cema_carry(h0: Tensor, q: Tensor, eta: Tensor, length: int, *, chunk: int = 
     ``h0 [B, d, h]`` complex, ``q, eta [d, h]`` complex -> ``[B, length, d]`` real (q's real dtype); chunked as
     :func:`cema` (``q^{t+1}`` for one chunk, ``q^{n c}`` per chunk start): memory ``B n d h``, not ``d h length``.
     """
-    B, (d, h) = h0.shape[0], q.shape
+    B, d = h0.shape[0], q.shape[0]
     if length == 0:
         return h0.real.new_zeros(B, 0, d)
     c = min(chunk, length)

@@ -55,6 +55,24 @@ def mean_visible_keys(doc_ids: Optional[torch.Tensor], seq_len: int, *, causal: 
     return float(visible_keys_per_query(mask, batch, seq_len).double().mean())
 
 
+def read_records(path: str) -> list[tuple[str, dict]]:
+    """``(line, record)`` of every complete record of a ``metrics.jsonl`` in file order; a line cut by a kill
+    (or still being written) is skipped, a missing file gives ``[]``. The one reader of the format
+    :class:`MetricsLogger` writes (resume truncation, the benchmarks' read-back)."""
+    out = []
+    if not os.path.isfile(path):
+        return out
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                out.append((line, rec))
+    return out
+
+
 class FlopCounter:
     """FLOPs per token of the steps since the last log line: the model's dense count, or, for a dense
     Llama under a structured mask, the count from the batches' mean visible keys per query."""

@@ -20,7 +20,6 @@ interrupted after its last checkpoint), so ``metrics.jsonl`` holds each step onc
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import socket
 from typing import TYPE_CHECKING, Optional
@@ -196,18 +195,13 @@ def prepare_run_dir(cfg: "Config") -> tuple[RunLock, list[str]]:
 
 def truncate_metrics(run_dir: str, step: int) -> None:
     """Keep the records of ``<run_dir>/metrics.jsonl`` up to ``step`` (atomically); a torn last line goes too."""
+    from seqpar.train.metrics import read_records
+
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # a line cut by a kill
-            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
+    kept = [line if line.endswith("\n") else line + "\n" for line, rec in read_records(path)
+            if isinstance(rec.get("step"), int) and rec["step"] <= step]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(kept)

@@ -32,6 +32,7 @@ from seqpar.config import Config
 from seqpar.data import build_data
 from seqpar.data.pose import apply_pose
 from seqpar.models.build import build_model
+from seqpar.models.options import RANK_LOCAL_ATTENTION
 from seqpar.models.parallelize import parallelize
 from seqpar.ops import attention
 from seqpar.parallel.mesh import Mesh
@@ -111,7 +112,7 @@ class Trainer:
             from seqpar.ops.s2attn import make_s2_attn_fn
 
             return make_s2_attn_fn(int(self.cfg.lora.s2_group_ratio * self.cfg.train.seq_len), backend=p.attention_backend)
-        if self.mesh.cp == 1 or self.cfg.model.arch == "megalodon":  # megalodon: chunks are rank-local
+        if self.mesh.cp == 1 or self.cfg.model.arch in RANK_LOCAL_ATTENTION:  # chunks never cross a rank
             return functools.partial(attention, backend=p.attention_backend)
         from seqpar.parallel.attention_fn import cp_attn_fn
 
