@@ -37,11 +37,29 @@ def _child(fn, rank: int, world_size: int, port: int, outdir: str, args: tuple, 
         dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout_s))
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+        if dist.is_initialized():  # (unless fn tore the group down itself)
+            try:
+                dist.barrier()  # nobody tears down while a peer is still inside a collective
+            except RuntimeError:
+                pass  # a test that timed a peer out on purpose leaves the pairs closed; fn's result stands
+            if rank == 0:  # rank 0 hosts the TCP store: it stays up until every peer has torn its group down
+                _wait_for_peers(outdir, world_size, pg_timeout_s)
+            dist.destroy_process_group()
+        open(os.path.join(outdir, f"rank{rank}.down"), "w").close()
     except BaseException:
         with open(os.path.join(outdir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
         raise SystemExit(1)
+
+
+def _wait_for_peers(outdir: str, world_size: int, timeout_s: float) -> None:
+    # A peer's teardown still talks to the store; had rank 0 exited first, the peer could abort in C++
+    # ("terminate called without an active exception") after a run that was otherwise correct.
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all(os.path.exists(os.path.join(outdir, f"rank{r}.down")) for r in range(1, world_size)):
+            return
+        time.sleep(0.02)
 
 
 def run_distributed(fn, world_size: int, *args, timeout_s: float = 120.0, pg_timeout_s: float = 60.0) -> list:
