@@ -5,6 +5,8 @@
         --scaling weak,strong --tokens-per-gpu 32768 --seq-len 131072
     # named runs (the earlier behaviour): experiment presets in conf/experiment/
     python benchmarks/bench_train.py --runs cp2_64k,cp1_32k --steps 6 --tag h200x2
+    # with the same-run peer: torchtitan's context parallel on the same mesh, sequence and steps
+    python benchmarks/bench_train.py --models llama3-1b --scaling strong --world-sizes 2 --seq-len 65536 --peer torchtitan
 
 Each run is ``torchrun --standalone --nproc_per_node=<w> train.py <overrides>`` (the real entry point,
 FSDP2 over all ranks + ring attention over ``cp = w`` ranks, batch 1); rank 0's ``metrics.jsonl``
@@ -37,6 +39,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peer_torchtitan  # noqa: E402
 import report  # noqa: E402
 
 RUNS = {
@@ -173,7 +176,7 @@ def _run(name: str, overrides: list, steps: int, warmup: int, nproc: int, workdi
            "fsdp": cfg.parallel.fsdp, "returncode": rc,
            "status": "ok" if rc == 0 else "OOM" if oom else str(rc), "wall_s": round(time.time() - t0, 1),
            "est_mem_gib": round(est["total"] / 2**30, 2)}
-    rec["run_dir"] = run_dir
+    rec["run_dir"], rec["args"] = run_dir, args
     try:
         rec.update(summarize(own_records(os.path.join(run_dir, "metrics.jsonl"), t0, steps), warmup,
                              rec["tokens_per_step"]))
@@ -182,12 +185,35 @@ def _run(name: str, overrides: list, steps: int, warmup: int, nproc: int, workdi
     return rec
 
 
+PEER_SKIPPED = ("not comparable", "dry run")
+
+
+def _peer_run(bundle: str, ours: dict, nproc: int, args) -> dict:
+    """The peer's row on the mesh, sequence and steps of ``ours`` (or why it cannot train the same thing)."""
+    from seqpar.cli import load_config
+    from seqpar.train.metrics import peak_tflops
+
+    import torch
+
+    name = f"{ours['name']}_torchtitan"
+    cfg = load_config(ours["args"])
+    why = peer_torchtitan.unsupported(cfg, nproc)
+    if why:
+        return {"name": name, "peer": "torchtitan", "nproc": nproc, "dp": ours["dp"], "cp": ours["cp"],
+                "seq_len": ours["seq_len"], "status": "not comparable", "why": why}
+    peak = peak_tflops(torch.device("cuda")) if torch.cuda.is_available() else 0.0
+    return peer_torchtitan.run(bundle, name, cfg, nproc=nproc, steps=args.steps, warmup=args.warmup, out_dir=args.out,
+                               timeout_s=args.peer_timeout, peak_tflops=peak, python=sys.executable,
+                               dry_run=args.peer_dry_run)
+
+
 def markdown(info: dict, runs: list) -> str:
     """The results table with the measurement conditions above it."""
     cols = [("run", "name", ""), ("mesh", lambda r: f"dp={r['dp']} cp={r['cp']}", ""), ("seq_len", "seq_len", ",d"),
             ("ac", "ac", ""), ("ffn_chunk", "ffn_chunk", ""),
             ("compile", lambda r: "yes" if r.get("compile") else "no", ""),
-            ("tokens/s/GPU", lambda r: r.get("tokens_per_s_per_gpu", f"failed ({r['status']})"), ",.0f"),
+            ("tokens/s/GPU", lambda r: r.get("tokens_per_s_per_gpu", r["status"] if r["status"] in PEER_SKIPPED
+                                             else f"failed ({r['status']})"), ",.0f"),
             ("TFLOP/s/GPU", "tflops_per_gpu", ".1f"),
             ("MFU", lambda r: None if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%", ""),
             ("step (s)", "step_time_s", ".3f"), ("peak mem (GiB)", "peak_mem_gib", ".2f"),
@@ -198,6 +224,20 @@ def markdown(info: dict, runs: list) -> str:
              "per token x tokens/s / GPUs / datasheet dense bf16 peak (989 TFLOP/s on H100/H200); recompute is not "
              "counted. Peak memory: max over ranks of torch.cuda.max_memory_allocated; estimate: `train.py "
              "--dry-run` of the same config.", "", report.markdown_table(runs, cols)]
+    peers = [r for r in runs if r.get("peer")]
+    if peers:
+        lines += ["", "`*_torchtitan` rows: torchtitan 0.3.0 (offline bundle) on the same mesh, sequence and steps: its "
+                  "context parallel (FlexAttention, all-gathered K/V, head-tail balance), full AC, synthetic tokens. "
+                  "Its TFLOP/s and MFU here use seqpar's formula on its tokens/s (its own, counting full attention, "
+                  "are in the JSON as tt_tflops / tt_mfu); its memory is peak reserved, not allocated.", ""]
+        ours = {r["name"]: r for r in runs if not r.get("peer")}
+        for p in peers:
+            base = ours.get(p["name"][: -len("_torchtitan")], {})
+            if "tokens_per_s_per_gpu" in p and "tokens_per_s_per_gpu" in base:
+                lines.append(f"- {base['name']}: seqpar / torchtitan tokens/s = "
+                             f"{base['tokens_per_s_per_gpu'] / p['tokens_per_s_per_gpu']:.2f}x")
+            elif p.get("why"):
+                lines.append(f"- {base.get('name', p['name'])}: no peer row: {p['why']}")
     return "\n".join(lines) + "\n"
 
 
@@ -233,7 +273,16 @@ def main() -> int:
                     help="scaling runs with data.doc_mask=true (packed documents; default: one causal sequence)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="extra train.py overrides for every run (e.g. parallel.cp_comm=ulysses)")
+    ap.add_argument("--peer", default="", choices=["", "torchtitan"],
+                    help="also train the peer on each run's mesh, sequence and steps (llama3-1b, one causal "
+                         "sequence); its row follows seqpar's (peer_torchtitan.py)")
+    ap.add_argument("--peer-bundle", default="", help="the torchtitan bundle folder (default: .peers/torchtitan, "
+                    "then ../shared/peers/torchtitan)")
+    ap.add_argument("--peer-timeout", type=float, default=540.0, help="seconds per peer run (first compile and "
+                    "autotune of its FlexAttention take 2-4 minutes)")
+    ap.add_argument("--peer-dry-run", action="store_true", help="peer: install and pre-flight only (no GPU needed)")
     args = ap.parse_args()
+    bundle = peer_torchtitan.find_bundle(args.peer_bundle) if args.peer else ""
     info = report.environment()
     gpus = max(1, info["gpus"])
     gpu_gib = 140.0
@@ -259,6 +308,8 @@ def main() -> int:
     for name, (nproc, overrides) in todo.items():
         runs.append(_run(name, [*overrides, *args.set], args.steps, args.warmup, nproc, args.workdir, args.out, args.timeout,
                          ac, gpu_gib))
+        if bundle:
+            runs.append(_peer_run(bundle, runs[-1], nproc, args))
         md = markdown(info, runs)
         # Rewritten after every run: partial results survive a timeout of the whole benchmark.
         report.write_outputs(args.out, os.path.basename(stem), info,
@@ -269,7 +320,7 @@ def main() -> int:
         with open(stem + ".md", "w") as f:
             f.write(md)
     print(md, end="")
-    return 0 if all("tokens_per_s_per_gpu" in r for r in runs) else 1
+    return 0 if all("tokens_per_s_per_gpu" in r or r["status"] in PEER_SKIPPED for r in runs) else 1
 
 
 if __name__ == "__main__":
