@@ -81,10 +81,15 @@ class LoggingConfig:
     wandb: bool = False
     wandb_project: str = "seqpar"
     peak_tflops: float = 0.0  # per-device bf16 peak for MFU; 0: look up the GPU, or skip MFU on CPU
+    profile_at: int = 0  # > 0: profile steps [profile_at, profile_at + profile_steps) into <run_dir>/profile/
+    profile_steps: int = 2
+    profile_trace: bool = False  # also write each rank's Chrome trace there (large at long sequences)
 
     def __post_init__(self) -> None:
         check_positive("logging.log_every", self.log_every)
         check(bool(self.run_dir), "logging.run_dir must be a non-empty path.")
+        check(self.profile_at >= 0, f"logging.profile_at={self.profile_at} must be >= 0 (0: no profiling).")
+        check_positive("logging.profile_steps", self.profile_steps)
 
 @dataclass(frozen=True)
 class CheckpointConfig:

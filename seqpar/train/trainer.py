@@ -42,16 +42,10 @@ from seqpar.train.guard import NonFiniteGuard, weights_finite
 from seqpar.train.metrics import FlopCounter, MetricsLogger, format_eta, peak_memory_gib, peak_tflops
 from seqpar.train.preemption import StopRequest
 from seqpar.train.preflight import preflight
+from seqpar.train.profile import StepProfiler
 from seqpar.train.resolve import load_tokenizer, resolve_config
 from seqpar.train.run_dir import DATA_STREAM, open_run, truncate_metrics
-
-
-def lr_multiplier(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup over ``warmup`` steps, then cosine from 1 to ``min_ratio`` at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+from seqpar.train.schedule import lr_multiplier
 
 
 def _local(t):
@@ -97,6 +91,9 @@ class Trainer:
         self.checkpointer.clean_stale()  # rank 0, under the run lock: leftovers of killed saves
         self.peak = peak_tflops(self.device, cfg.logging.peak_tflops)
         self.flops = FlopCounter(self.model, cfg.model, cfg.data, cfg.train.seq_len)
+        lg = cfg.logging
+        self.profiler = StepProfiler(self.model, start=lg.profile_at, steps=lg.profile_steps, run_dir=lg.run_dir,
+                                     rank=mesh.rank, device=self.device, trace=lg.profile_trace)
         if cfg.checkpoint.resume:
             self._resume()
         if mesh.is_main:  # records after the resumed step were logged by the interrupted run: drop them
@@ -303,8 +300,10 @@ class Trainer:
         guard = NonFiniteGuard(cfg.train.max_bad_steps)
         try:
             while self.step < until:
+                self.profiler.before(self.step + 1)
                 out = self.train_step()
                 self.step += 1
+                self.profiler.after(self.step)
                 tokens_since += cfg.train.batch_size * cfg.train.seq_len * cfg.train.grad_accum * mesh.dp
                 if mesh.is_main and self.logger.progress:
                     self.logger.tick(self.step, out["loss"].item())
