@@ -79,10 +79,10 @@ def main(argv: list) -> int:
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         if os.environ.get("SEQPAR_DEBUG") == "1":
             raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        _error(f"error: {e}")
         return codes.USER_ERROR
     except codes.TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        _error(f"error: {e}")
         return codes.DIVERGED
     except KeyboardInterrupt:  # a second Ctrl-C: the first one asked for a checkpoint at the step's end
         print("error: interrupted before the step ended; nothing saved since the last checkpoint.", file=sys.stderr,
@@ -91,6 +91,24 @@ def main(argv: list) -> int:
     if not cfg.train.dry_run and out.get("stopped"):
         return codes.STOPPED
     return codes.FINISHED
+
+
+def _error(line: str) -> None:
+    """Print ``line`` once per node: under ``python -m seqpar.launch`` the ranks of a node share a folder, and
+    the first rank to claim a message prints it (the same config error on 8 ranks is one line; different
+    messages all show). Without the launcher (plain torchrun, srun, one process) every rank prints."""
+    folder = os.environ.get("SEQPAR_EXIT_DIR")
+    if folder:
+        import hashlib
+
+        try:
+            os.close(os.open(os.path.join(folder, "said-" + hashlib.sha1(line.encode()).hexdigest()[:16]),
+                             os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return  # another rank of this node said it already
+        except OSError:
+            pass
+    print(line, file=sys.stderr, flush=True)
 
 
 def _report(code: int) -> int:

@@ -4,8 +4,8 @@ torchrun (``torch.distributed.run``) ends every non-zero worker exit with exit 1
 traceback, so a scheduler cannot tell "stopped and saved" from "crashed". This wrapper takes exactly
 torchrun's arguments, runs the same launcher, and exits with the workers' code
 (:mod:`seqpar.train.exit_codes`: 0 finished, 1 crash, 2 user error, 3 stopped and saved, 4 diverged),
-printing one ``seqpar.launch:`` line instead of the traceback (the workers' own ``error:`` lines and
-tracebacks still show).
+printing one ``seqpar.launch:`` line instead of the traceback (the workers' tracebacks still show; an ``error:``
+line that several ranks of a node would print alike shows once).
 
 Which code, when ranks differ: that of the ranks that ended FIRST (torchrun stops the others then, and
 their codes only echo the first); a crash among them wins, else the highest code. When torchrun itself is signalled (SIGTERM / SIGINT to the launcher,
@@ -49,6 +49,8 @@ def _reported(folder: str) -> Optional[int]:
     """The workers' codes written by train.py: the worst of them (crash dominates), None when none wrote."""
     found = []
     for name in os.listdir(folder):
+        if not name.startswith("rank-"):  # (train.py also leaves "said-*" markers there: see its _error)
+            continue
         try:
             with open(os.path.join(folder, name)) as f:
                 found.append(int(f.read().strip()))

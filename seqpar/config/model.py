@@ -202,10 +202,12 @@ def check_architecture(cfg: Any) -> None:
               "unset model.init_from or use a mask option (dense, longformer, bigbird, blocksparse).")
     if a == "megalodon" and cp > 1:  # the states pass rank to rank; every attention chunk must be on one rank
         need, layout = cp * m.megalodon_chunk, cfg.parallel.layout
-        check(layout == "contiguous" and seq % need == 0, f"model.arch=megalodon with parallel.cp={cp} needs "
-              f"parallel.layout=contiguous (got {layout}) and train.seq_len={seq} a multiple of parallel.cp x "
-              f"model.megalodon_chunk = {need} (no attention chunk across ranks); set parallel.layout=contiguous "
-              f"and train.seq_len={need * max(1, round(seq / need))} (or a smaller model.megalodon_chunk).")
+        check(layout == "contiguous", f"model.arch=megalodon with parallel.cp={cp} needs parallel.layout=contiguous "
+              f"(got {layout}): its state passes from each rank to the next in sequence order; set "
+              "parallel.layout=contiguous.")
+        check(seq % need == 0, f"model.arch=megalodon with parallel.cp={cp} needs train.seq_len={seq} to be a multiple "
+              f"of parallel.cp x model.megalodon_chunk = {need} (no attention chunk across ranks); set "
+              f"train.seq_len={need * max(1, round(seq / need))} (or a smaller model.megalodon_chunk).")
     check(a == "dense" or not cfg.lora.s2_attn, f"lora.s2_attn=true replaces the attention; it cannot be combined "
           f"with model.{'arch' if m.arch != 'llama' else 'attention'}={a}: set lora.s2_attn=false.")
     check(a != "reformer" or not m.reformer_reversible or cfg.parallel.fsdp == "none",

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from seqpar.config import Config
+from seqpar.models.options import RANK_LOCAL_ATTENTION
 from seqpar.parallel import cost
 from seqpar.parallel.mesh import dist_env, mesh_groups
 
@@ -132,7 +133,11 @@ def dry_run(cfg: Config, world_size: Optional[int] = None, gpu_gib: Optional[flo
     attn = attention_cost(cfg, cp)
     if dist_env().rank == 0:
         _print(cfg, dp, cp, est, gpu_gib, fits)
-        _print_attention(cfg, attn)
+        if cp > 1 and cfg.model.arch in RANK_LOCAL_ATTENTION:  # its chunks stay on their rank: no cp mode applies
+            print(f"  attention: model.arch={cfg.model.arch} attends within chunks on each rank (no cp communication;"
+                  f" parallel.cp_comm does not apply); its recurrent state passes between ranks", flush=True)
+        else:
+            _print_attention(cfg, attn)
     return {"world_size": world, "dp": dp, "cp": cp, "memory": est, "gpu_gib": gpu_gib, "fits": fits,
             "attention": attn}
 

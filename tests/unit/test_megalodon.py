@@ -167,12 +167,13 @@ def test_cp_and_document_masks_are_one_clear_error(tmp_path):
     par = dataclasses.replace(cfg.parallel, cp=2, layout="contiguous")
     seq = cfg.train.seq_len  # 64 = 2 ranks x 2 chunks of 16 (MEGALODON below)
     dataclasses.replace(cfg, parallel=par)  # contiguous, whole chunks per rank: built
-    for bad in (dict(parallel=ParallelConfig(cp=2)),  # the default layout, zigzag
-                dict(parallel=dataclasses.replace(par, layout="striped")),
-                dict(parallel=par, train=dataclasses.replace(cfg.train, seq_len=seq + 2)),  # 33 tokens per rank
-                dict(parallel=par, model=dataclasses.replace(cfg.model, megalodon_chunk=64))):  # chunk > 32 per rank
-        with pytest.raises(ConfigError, match=r"model.arch=megalodon with parallel.cp=2 needs "
-                                              r"parallel.layout=contiguous .*train.seq_len=\d+ a multiple"):
+    layout = r"model.arch=megalodon with parallel.cp=2 needs parallel.layout=contiguous \(got (zigzag|striped)\)"
+    length = r"model.arch=megalodon with parallel.cp=2 needs train.seq_len=\d+ to be a multiple .* set train.seq_len="
+    for bad, msg in ((dict(parallel=ParallelConfig(cp=2)), layout),  # the default layout, zigzag
+                     (dict(parallel=dataclasses.replace(par, layout="striped")), layout),
+                     (dict(parallel=par, train=dataclasses.replace(cfg.train, seq_len=seq + 2)), length),  # 33 per rank
+                     (dict(parallel=par, model=dataclasses.replace(cfg.model, megalodon_chunk=64)), length)):  # chunk > 32
+        with pytest.raises(ConfigError, match=msg):
             dataclasses.replace(cfg, **bad)
     with pytest.raises(ConfigError, match=r"megalodon has no document mask.*data.doc_mask=false"):
         dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, doc_mask=True))
@@ -208,6 +209,11 @@ def test_dry_run_does_not_crash(tmp_path, capsys):
     out = dry_run(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, dry_run=True)), world_size=1)
     assert out["memory"]["params_total"] > 0
     assert "arch=megalodon" in capsys.readouterr().out
+    cp2 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, dry_run=True),
+                              parallel=dataclasses.replace(cfg.parallel, cp=2, layout="contiguous"))
+    dry_run(cp2, world_size=2)
+    said = capsys.readouterr().out
+    assert "parallel.cp_comm does not apply" in said and "PREDICTED" not in said  # no cp mode table for it
 
 
 def test_hydra_experiment_composes():
