@@ -154,7 +154,7 @@ def test_launcher_exits_with_the_workers_code_under_torchrun(tmp_path):
     assert bad.returncode == exit_codes.USER_ERROR, bad.stderr
     assert "Traceback" not in bad.stderr and "ChildFailedError" not in bad.stderr, bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("seqpar.launch: workers ended with exit 2"), bad.stderr
-    said = [ln for ln in bad.stderr.splitlines() if "error: " in ln]  # both ranks fail alike: one line
+    said = [ln for ln in bad.stderr.splitlines() if ln.startswith("error: ")]  # both ranks fail alike: one line
     assert len(said) == 1 and "n_kv_heads" in said[0], bad.stderr
     # SIGTERM to the launcher (what a scheduler sends): every rank checkpoints, the launcher says 3.
     run_dir = tmp_path / "b"
