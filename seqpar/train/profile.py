@@ -5,13 +5,14 @@ with ``torch.profiler`` and writes, per rank, a breakdown by part of the model i
 Attribution (:func:`breakdown`), for every profiled op's own time (its kernels' time on CUDA, its self CPU
 time on CPU), in this order:
 
-1. by kernel or op name: communication (NCCL / gloo / c10d), then GEMMs (``matmul``: cuBLAS / CUTLASS /
-   ``aten::mm``-family ops);
+1. by kernel or op name: communication (NCCL / gloo / c10d) wherever it runs; then everything inside attention
+   is ``attention`` (step 2's range); elsewhere GEMMs are ``matmul`` (cuBLAS / CUTLASS / ``aten::mm``-family);
 2. by the innermost labelled range around the op: ``attention`` (the attention autograd Functions, whose
-   forward and ``...Backward`` both name them), ``norm`` / ``rope`` / ``mlp`` / ``loss`` (ranges this module
-   pushes around ``RMSNorm``, RoPE, ``FeedForward`` and the model's loss while profiling: nothing is added to the
-   model otherwise), ``optimizer`` (torch's ``Optimizer.step`` / ``zero_grad`` ranges, grad clipping), FSDP's own
-   copy-in/out ranges (``fsdp copies``);
+   backward names them; a range around the model's attention call covers the forward, Triton launches
+   included), ``norm`` / ``rope`` / ``mlp`` / ``loss`` (ranges this module pushes around ``RMSNorm``, RoPE,
+   ``FeedForward`` and the model's loss while profiling: nothing is added to the model otherwise), ``compiled``
+   (``train.compile``'s fused norm/RoPE/MLP regions, which carry no ranges of ours), ``optimizer`` (torch's
+   ``Optimizer.step`` / ``zero_grad`` ranges, grad clipping), FSDP's own copy-in/out ranges (``fsdp copies``);
 3. a backward op of a generic autograd node (``MulBackward0``...) takes the category of the forward op it
    differentiates (matched by the profiler's sequence number), so the backward of a norm counts as ``norm``;
 4. memory copies and fills (``memcpy``), and everything else (``other``).
@@ -29,15 +30,16 @@ from typing import Optional
 
 import torch
 
-CATEGORIES = ("attention", "matmul", "communication", "norm", "rope", "mlp", "loss", "optimizer", "fsdp copies",
-              "memcpy", "other")
+CATEGORIES = ("attention", "matmul", "communication", "norm", "rope", "mlp", "compiled", "loss", "optimizer",
+              "fsdp copies", "memcpy", "other")
 _COMM = re.compile(r"nccl|gloo|c10d::|all_gather|allgather|reduce_scatter|all_reduce|allreduce|broadcast|"
                    r"isend|irecv|batch_isend|alltoall|all_to_all", re.I)
 _GEMM = re.compile(r"gemm|cutlass|cublas|xmma|nvjet|^aten::(mm|addmm|bmm|baddbmm|matmul|linear|_scaled_mm)$", re.I)
 _ATTN = re.compile(r"AttentionFn|_KernelFn|flash|fmha|cudnn.*(sdpa|attn|mha)|scaled_dot_product|_attn_|"
                    r"flex_attention|_merge_rows|_add_rows", re.I)
 _COPY = re.compile(r"memcpy|memset|^aten::(copy_|fill_|zero_|_to_copy|to)$|Memcpy|Memset", re.I)
-_RANGE = {"seqpar.norm": "norm", "seqpar.rope": "rope", "seqpar.mlp": "mlp", "seqpar.loss": "loss"}
+_RANGE = {"seqpar.attention": "attention", "seqpar.norm": "norm", "seqpar.rope": "rope", "seqpar.mlp": "mlp",
+          "seqpar.loss": "loss"}
 _OPTIM = re.compile(r"^Optimizer\.(step|zero_grad)|clip_grad|_foreach_norm|fused_adam", re.I)
 
 
@@ -51,6 +53,8 @@ def _own_category(name: str) -> Optional[str]:
         return "optimizer"
     if name.startswith("FSDP::"):
         return "fsdp copies"
+    if name.startswith("CompiledFunction"):  # train.compile's fused regions (forward and backward)
+        return "compiled"
     return None
 
 
@@ -151,11 +155,16 @@ class _Labels:
         self.handles, self.patched = [], []
         for m in model.modules():
             label = ("seqpar.norm" if isinstance(m, RMSNorm) else "seqpar.mlp" if isinstance(m, FeedForward) else None)
-            if label is not None:
+            # A compiled module (train.compile) runs its hooks inside the compiled call: new hooks would
+            # recompile it; its kernels count as "compiled" (the CompiledFunction ranges) instead.
+            if label is not None and getattr(m, "_compiled_call_impl", None) is None:
                 self.handles.append(m.register_forward_pre_hook(self._enter(label)))
                 self.handles.append(m.register_forward_hook(self._exit))
             if isinstance(m, Attention):
                 self._wrap(m, "rope_fn", "seqpar.rope")
+                # Kernels launched from Python (Triton) inside the attention Function's forward have no aten
+                # op around them: this range is what they are attributed to.
+                self._wrap(m, "attn_fn", "seqpar.attention")
         if callable(getattr(model, "loss", None)):
             self._wrap(model, "loss", "seqpar.loss")
 

@@ -55,6 +55,7 @@ def test_a_profiled_run_writes_its_breakdown_and_leaves_the_model_as_it_was(tmp_
 
     cfg = _cfg(tmp_path, profile_trace=True)
     trainer = Trainer(cfg, init_mesh(cfg.parallel, "cpu"))
+    attn_fns = [m.attn_fn for m in trainer.model.modules() if hasattr(m, "attn_fn")]
     trainer.fit()
     rec = json.load(open(tmp_path / "profile" / "rank0.json"))
     assert (rec["first_step"], rec["last_step"], rec["device"], rec["steps"]) == (2, 3, "cpu", 2)
@@ -68,6 +69,7 @@ def test_a_profiled_run_writes_its_breakdown_and_leaves_the_model_as_it_was(tmp_
     assert json.load(open(tmp_path / "profile" / "rank0.trace.json"))["traceEvents"]
     model = trainer.model
     assert "loss" not in model.__dict__
+    assert attn_fns and [m.attn_fn for m in model.modules() if hasattr(m, "attn_fn")] == attn_fns
     for m in model.modules():
         assert not m._forward_hooks and not m._forward_pre_hooks
         assert "rope_fn" not in m.__dict__ and not (isinstance(m, RMSNorm) and m.__dict__.get("_profile_ranges"))
