@@ -184,15 +184,19 @@ class PackedBatches:
         """Continue exactly where ``state`` left off.
 
         Raises:
-            ValueError: the state was saved with another seed, shape, dp size or corpus.
+            ConfigError: the state was saved with another seed, shape, dp size or corpus (a run directory
+                whose config.yaml could not say so first, e.g. one written by an older seqpar).
         """
-        for key in ("seed", "seq_len", "batch_size", "dp_size", "num_rows"):
+        names = {"seed": "train.seed", "seq_len": "train.seq_len", "batch_size": "train.batch_size",
+                 "dp_size": "parallel.dp", "num_rows": "the data config (data.*)"}
+        for key, name in names.items():
             if state[key] != getattr(self, key):
-                raise ValueError(
-                    f"cannot resume the data iterator: {key} was {state[key]} when saved and is "
-                    f"{getattr(self, key)} now; resume with the same train.seed, train.seq_len, "
-                    "train.batch_size, parallel.dp and data config, or start a fresh run."
-                )
+                keep = (f", or keep these weights and restart the data stream with checkpoint.allow_changes=[{name}]"
+                        if name.startswith("train.") else "")
+                raise ConfigError(
+                    f"cannot resume this run's data stream: {name} gives {key}={getattr(self, key)} but the "
+                    f"checkpoint was saved with {state[key]}; resume with the same value, give the new run its own "
+                    f"logging.run_dir{keep}.")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
 
 

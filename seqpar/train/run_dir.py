@@ -104,6 +104,10 @@ def check_same_run(cfg: "Config") -> list[str]:
     if bad:
         raise ConfigError(f"checkpoint.allow_changes={bad} cannot change in a resumed run (only {', '.join(CHANGEABLE[:7])} "
                           "or data.* can: the weights fix the rest); start a new run with another logging.run_dir.")
+    if not os.path.isfile(os.path.join(cfg.logging.run_dir, "config.yaml")):
+        # Nothing to compare with (a new run, or a run dir written by an older seqpar): the keys the user
+        # allows are taken as changed, so a checkpoint there resumes with a restarted data stream.
+        return allow
     changed = changed_keys(cfg)
     blocked = [k for k in changed if k not in allow]
     if not blocked:
@@ -186,11 +190,29 @@ def prepare_run_dir(cfg: "Config") -> tuple[RunLock, list[str]]:
     lock = RunLock(cfg.logging.run_dir).acquire()
     try:
         changed = check_same_run(cfg)
-        write_config(cfg)
+        if not _unclaimed_checkpoints(cfg.logging.run_dir):
+            write_config(cfg)
     except BaseException:
         lock.release()
         raise
     return lock, changed
+
+
+def _unclaimed_checkpoints(run_dir: str) -> bool:
+    """Checkpoints but no config.yaml (a run dir of an older seqpar): nothing says yet whether this config can
+    continue them, so its config.yaml waits for the resume to succeed (:func:`claim_run`)."""
+    ckpts = os.path.join(run_dir, "checkpoints")
+    return not os.path.isfile(os.path.join(run_dir, "config.yaml")) and os.path.isdir(ckpts) and any(
+        os.path.isfile(os.path.join(ckpts, name, "meta.json")) for name in os.listdir(ckpts))
+
+
+def claim_run(cfg: "Config") -> None:
+    """Rank 0, once the run has resumed (or chosen not to): write the config.yaml that
+    :func:`prepare_run_dir` held back for a run dir without one."""
+    from seqpar.train.resolve import write_config
+
+    if not os.path.isfile(os.path.join(cfg.logging.run_dir, "config.yaml")):
+        write_config(cfg)
 
 
 def truncate_metrics(run_dir: str, step: int) -> None:

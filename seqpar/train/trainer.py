@@ -44,7 +44,7 @@ from seqpar.train.preemption import StopRequest
 from seqpar.train.preflight import preflight
 from seqpar.train.profile import StepProfiler
 from seqpar.train.resolve import load_tokenizer, resolve_config
-from seqpar.train.run_dir import DATA_STREAM, open_run, truncate_metrics
+from seqpar.train.run_dir import DATA_STREAM, claim_run, open_run, truncate_metrics
 from seqpar.train.schedule import lr_multiplier
 
 
@@ -97,6 +97,7 @@ class Trainer:
         if cfg.checkpoint.resume:
             self._resume()
         if mesh.is_main:  # records after the resumed step were logged by the interrupted run: drop them
+            claim_run(cfg)
             truncate_metrics(cfg.logging.run_dir, self.step)
         self.logger = MetricsLogger(
             cfg.logging.run_dir, enabled=mesh.is_main, use_wandb=cfg.logging.wandb, project=cfg.logging.wandb_project,

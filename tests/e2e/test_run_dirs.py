@@ -99,3 +99,24 @@ def test_a_live_run_locks_its_directory_and_a_dead_runs_lock_is_ignored(tmp_path
     lock = RunLock(str(tmp_path / "x")).acquire()
     RunLock(str(tmp_path / "x")).acquire()
     lock.release()
+
+
+@pytest.mark.timeout(120)
+def test_a_run_dir_without_config_yaml_says_what_differs_and_takes_allow_changes(tmp_path):
+    # A run directory written before config.yaml existed (older seqpar): its checkpoint's data stream is
+    # what can tell a changed seq_len: one line, exit 2, and the allow_changes way out works.
+    run_dir = tmp_path / "old"
+    assert train_py(run_dir, "train.steps=2", "checkpoint.every=2").returncode == 0
+    (run_dir / "config.yaml").unlink()
+    longer = train_py(run_dir, "train.steps=4", "checkpoint.every=2", "train.seq_len=64")
+    lines = longer.stderr.strip().splitlines()
+    assert longer.returncode == 2 and len(lines) == 1, longer.stderr
+    assert not (run_dir / "config.yaml").exists()  # a refused run does not claim the directory
+    assert lines[0].startswith("error: cannot resume this run's data stream: train.seq_len gives seq_len=64")
+    assert "checkpoint.allow_changes=[train.seq_len]" in lines[0]
+    allowed = train_py(run_dir, "train.steps=4", "checkpoint.every=2", "train.seq_len=64",
+                       "checkpoint.allow_changes=[train.seq_len]")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "resumed from" in allowed.stdout and "the data stream restarts" in allowed.stdout
+    assert sorted(os.listdir(run_dir / "checkpoints"))[-1] == "step-00000004"
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["seq_len"] == 64  # claimed once resumed

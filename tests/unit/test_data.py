@@ -148,8 +148,11 @@ def test_state_dict_resume_yields_identical_batches():
     fresh.load_state_dict(state)
     assert all(torch.equal(x[k], y[k]) for x, y in zip(expected, _take(fresh, 3)) for k in x)
     other = PackedBatches(s, seq_len=32, batch_size=4, seed=7, dp_rank=1, dp_size=2)
-    with pytest.raises(ValueError, match="seq_len"):
+    with pytest.raises(ConfigError, match=r"train.seq_len gives seq_len=32 but the checkpoint was saved with 16; .*"
+                                          r"logging.run_dir, or .*checkpoint.allow_changes=\[train.seq_len\]"):
         other.load_state_dict(state)
+    with pytest.raises(ConfigError, match=r"parallel.dp gives dp_size=1 .*own logging.run_dir\.$"):
+        PackedBatches(s, seq_len=16, batch_size=4, seed=7, dp_rank=0, dp_size=1).load_state_dict(state)
 
 
 def test_train_val_split_disjoint_and_val_repeatable(tmp_path):
