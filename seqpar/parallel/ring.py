@@ -14,10 +14,16 @@ communication stream, it does not block the host.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Sequence
 
 import torch.distributed as dist
 from torch import Tensor
+
+# NCCL groups that have run a collective in this process. torch documents ``batch_isend_irecv`` as undefined
+# when it is a group's FIRST collective and some rank posts no op, which trimmed ring hops can do (a rank
+# whose neighbour needs none of its rows): the first ring transfer on an NCCL group is preceded by one barrier.
+_WARM: "weakref.WeakSet" = weakref.WeakSet()
 
 
 class RingHandle:
@@ -92,6 +98,7 @@ class RingComm:
         else:
             recv = self._recv_buffers(tensors, recv_rows)
             send_to, recv_from = (self.next_peer, self.prev_peer) if shift == 1 else self._peers(shift)
+            self._warm_up()
             ops = []
             for i, (t, r) in enumerate(zip(tensors, recv)):
                 if not t.is_contiguous():
@@ -106,6 +113,14 @@ class RingComm:
         self._count += 1
         self._pending = handle
         return handle
+
+    def _warm_up(self) -> None:
+        """One barrier before the first transfer on an NCCL group (see ``_WARM``); every rank calls send_recv
+        at the same points, so the barrier matches."""
+        if self._g in _WARM or "nccl" not in str(dist.get_backend(self._g)):
+            return
+        dist.barrier(group=self._g)
+        _WARM.add(self._g)
 
     def wait(self) -> list[Tensor]:
         """Wait for the transfer in flight and return the received tensors."""
