@@ -91,6 +91,9 @@ def test_bench_masks_cpu_pieces():
     rows = bm.plan_rows([4096], [1, 2], 256, torch_cp=True)
     assert {(r["mask"], r["layout"], r["method"]) for r in rows if r["ws"] == 2} >= {
         ("docs", "docs", "ring"), ("window", "contiguous", "ring"), ("docs", "ptrr", "torch_cp_flex")}
+    assert [r["layout"] for r in rows if r["ws"] == 1 and r["mask"] == "docs"] == ["docs"]  # no duplicate row
+    assert {r["layout"] for r in rows if r["ws"] == 2 and r["mask"] == "docs" and r["method"] == "ring"} == {
+        "docs", "zigzag"}
     for r in rows:
         r.update(bm.masked_work(r, 256, ids if r["mask"] == "docs" else None))
         r["ms"] = 1.0
