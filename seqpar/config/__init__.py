@@ -77,6 +77,11 @@ class Config:
             f"train.deterministic=true needs parallel.attention_backend=triton (or torch), not "
             f"{self.parallel.attention_backend}: the SDPA kernels' backward is not reproducible bit for bit.",
         )
+        check(
+            self.logging.profile_at <= self.train.steps,
+            f"logging.profile_at={self.logging.profile_at} is past train.steps={self.train.steps}: no step would be "
+            f"profiled; set logging.profile_at between 1 and {self.train.steps} (0: no profiling).",
+        )
         cp, layout = self.parallel.cp, self.parallel.layout
         need = required_multiple(cp, layout)  # the layout module's rule, so config and sharding agree
         check(

@@ -206,8 +206,9 @@ class StepProfiler:
     about to run and :meth:`after` with the step just finished; the files are written after the last one."""
 
     def __init__(self, model, *, start: int, steps: int, run_dir: str, rank: int, device: torch.device,
-                 trace: bool = False):
-        self.model, self.start, self.end = model, start, start + steps - 1
+                 trace: bool = False, last_step: Optional[int] = None):
+        end = start + steps - 1
+        self.model, self.start, self.end = model, start, end if last_step is None else min(end, last_step)
         self.dir, self.rank, self.device, self.trace = os.path.join(run_dir, "profile"), rank, device, trace
         self.prof, self.labels, self.t0, self.result = None, None, 0.0, None
 
@@ -225,10 +226,12 @@ class StepProfiler:
         self.prof.start()
         self.t0 = time.perf_counter()
 
-    def after(self, step: int) -> Optional[dict]:
-        """After the last profiled step: stop, write the files, return this rank's breakdown."""
-        if self.prof is None or step != self.end:
+    def after(self, step: int, *, stopping: bool = False) -> Optional[dict]:
+        """After the last profiled step (or ``stopping``: the run ends early, after ``step``, while profiling):
+        stop, write the files for the steps profiled, return this rank's breakdown."""
+        if self.prof is None or (step != self.end and not stopping):
             return None
+        self.end = step
         import time
 
         if self.device.type == "cuda":

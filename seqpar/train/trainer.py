@@ -93,7 +93,7 @@ class Trainer:
         self.flops = FlopCounter(self.model, cfg.model, cfg.data, cfg.train.seq_len)
         lg = cfg.logging
         self.profiler = StepProfiler(self.model, start=lg.profile_at, steps=lg.profile_steps, run_dir=lg.run_dir,
-                                     rank=mesh.rank, device=self.device, trace=lg.profile_trace)
+                                     rank=mesh.rank, device=self.device, trace=lg.profile_trace, last_step=cfg.train.steps)
         if cfg.checkpoint.resume:
             self._resume()
         if mesh.is_main:  # records after the resumed step were logged by the interrupted run: drop them
@@ -338,6 +338,7 @@ class Trainer:
                         what = "checkpointed" if cfg.checkpoint.every else "not checkpointed (checkpoint.every=0)"
                         print(f"{reason} at step {self.step}: {what}; stopping cleanly.", flush=True)
                     break
+            self.profiler.after(self.step, stopping=True)  # stopped early while profiling: what was profiled
             self.checkpointer.wait()  # an async save still in flight is committed before we return
         finally:
             stop.restore()

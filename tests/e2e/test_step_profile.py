@@ -75,9 +75,24 @@ def test_a_profiled_run_writes_its_breakdown_and_leaves_the_model_as_it_was(tmp_
         assert "rope_fn" not in m.__dict__ and not (isinstance(m, RMSNorm) and m.__dict__.get("_profile_ranges"))
 
 
+def test_a_profile_cut_short_by_the_last_step_or_a_stop_is_still_written(tmp_path):
+    from seqpar.parallel.mesh import init_mesh
+    from seqpar.train import Trainer
+
+    for name, (at, n, until), last in (("end", (4, 3, None), 4), ("stop", (2, 3, 3), 3)):
+        cfg = _cfg(tmp_path / name)
+        cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, profile_at=at, profile_steps=n))
+        Trainer(cfg, init_mesh(cfg.parallel, "cpu")).fit(until=until)
+        rec = json.load(open(tmp_path / name / "profile" / "rank0.json"))
+        assert (rec["first_step"], rec["last_step"], rec["steps"]) == (at, last, last - at + 1), name
+
+
 def test_profile_settings_are_checked():
     from seqpar.cli import load_config
     from seqpar.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"logging.profile_at=9 is past train.steps=8: .* between 1 and 8"):
+        load_config(["logging.profile_at=9", "train.steps=8"])
 
     with pytest.raises(ConfigError, match="logging.profile_at=-1 must be >= 0"):
         load_config(["logging.profile_at=-1"])
