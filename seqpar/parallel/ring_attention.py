@@ -17,9 +17,10 @@ pairs run, one kernel call each with its :class:`~seqpar.ops.attention.LocalMask
 strides of the pieces) on the backend the registry selects for it; a step with no visible pair on a
 rank makes no kernel call, and the ring stops after the last step any rank needs (``plan.steps``):
 the K/V blocks it skips are never sent, and the dK/dV accumulators go home in one direct hop.
-A hop moves only the key rows that calls on later steps use (``plan.held``, e.g. the last ``W`` keys of a
-shard for a causal window ``W`` on contiguous shards; :mod:`seqpar.parallel.ring_rows`), and the backward
-sends back the dK/dV of just those rows (``plan.home``), which the owner adds to its own at their offset.
+A hop moves only the key rows that calls on later steps use (``plan.held``: spans sent back to back, e.g.
+the last ``W`` keys of a shard for a causal window ``W`` on contiguous shards, plus the sinks' first keys;
+:mod:`seqpar.parallel.ring_rows`), and the backward sends back the dK/dV of just those rows (``plan.home``),
+which the owner adds to its own at their offsets.
 Every :class:`~seqpar.ops.Mask` kind runs (documents, windows incl. two-sided, sinks, block-sparse)
 on every layout (``zigzag``, ``striped``, ``contiguous`` and the document-balanced ``docs``).
 """
@@ -39,6 +40,7 @@ from seqpar.ops.merge import MERGE_IMPLS, merge_impl
 from seqpar.parallel.layout import LAYOUTS, required_multiple
 from seqpar.parallel.ring import RingComm
 from seqpar.parallel.ring_plan import BlockCall, RingPlan, build_plan, plan_step  # noqa: F401  (re-exported)
+from seqpar.parallel.ring_rows import compact_row, num_rows
 
 
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -116,20 +118,30 @@ def _last_call(plan: RingPlan) -> tuple[int, int]:
     return -1, -1
 
 
-def _base(plan: RingPlan, step: int) -> int:
-    """The owner-local row of the first key row this rank holds at ``step`` (0: the whole block)."""
-    return 0 if plan.held is None else plan.held[step][plan.rank][0]
+def _row(plan: RingPlan, step: int, row: int) -> int:
+    """Where owner-local key ``row`` sits in what this rank holds at ``step`` (the block itself, or its
+    held spans back to back)."""
+    return row if plan.held is None else compact_row(plan.held[step][plan.rank], row)
+
+
+def _rows_of(x: Tensor, held, spans) -> Tensor:
+    """The rows ``spans`` of a compact buffer ``x`` holding ``held``, back to back (a view for one span,
+    contiguous when the batch is 1; else one copy)."""
+    parts = [(compact_row(held, lo), hi - lo) for lo, hi in spans]
+    if len(parts) == 1:
+        return x[:, parts[0][0]:parts[0][0] + parts[0][1]].contiguous()
+    return torch.cat([x[:, a:a + m] for a, m in parts], dim=1) if parts else x[:, :0]
 
 
 def _hop(comm: RingComm, plan: RingPlan, kv: list, step: int):
-    """Send at ``step`` the rows of the held block that the next rank holds at ``step + 1`` (contiguous: a
-    view when the batch is 1, else one copy of those rows) and receive the rows this rank holds then."""
+    """Send at ``step`` the rows of the held block that the next rank holds at ``step + 1`` and receive
+    the rows this rank holds then."""
     if plan.held is None:
         return comm.send_recv(kv)
     n, r = len(plan.held[0]), plan.rank
-    (lo, hi), (a, b), (c, d) = plan.held[step][r], plan.held[step + 1][(r + 1) % n], plan.held[step + 1][r]
-    send = kv if (a, b) == (lo, hi) else [x[:, a - lo:b - lo].contiguous() if b > a else x[:, :0] for x in kv]
-    return comm.send_recv(send, recv_rows=d - c)
+    cur, nxt, mine = plan.held[step][r], plan.held[step + 1][(r + 1) % n], plan.held[step + 1][r]
+    send = kv if nxt == cur else [_rows_of(x, cur, nxt) for x in kv]
+    return comm.send_recv(send, recv_rows=num_rows(mine))
 
 
 def _ring_forward(q, k, v, comm: RingComm, plan: RingPlan, scale, merge: str = "auto"):
@@ -143,9 +155,9 @@ def _ring_forward(q, k, v, comm: RingComm, plan: RingPlan, scale, merge: str = "
     last = plan.steps - 1
     for step in range(plan.steps):
         handle = _hop(comm, plan, kv, step) if step < last else None  # next block in flight during compute
-        base = _base(plan, step)
         for i, (c, lm, record) in enumerate(zip(plan.calls[step], plan.masks[step], plan.records[step])):
-            qs, ks = slice(c.q_start, c.q_start + c.q_len), slice(c.k_start - base, c.k_start - base + c.k_len)
+            k0 = _row(plan, step, c.k_start)
+            qs, ks = slice(c.q_start, c.q_start + c.q_len), slice(k0, k0 + c.k_len)
             all_rows = c.q_start == 0 and c.q_len == q.shape[1]
             # A kernel that merges into running fp32 (out, lse) in place saves the separate merge pass.
             if record.ring_accumulators and acc == torch.float32 and all_rows and run.started:
@@ -176,7 +188,7 @@ def _ring_backward(dout, q, k, v, out, lse, delta, group, plan: RingPlan, scale,
     # where that is fewer bytes than the whole block in k's dtype; the owner keeps its step-0 gradient.
     n, r, L = len(plan.work), plan.rank, k.shape[1]
     home = plan.home if plan.home is not None and \
-        max(hi - lo for lo, hi in plan.home) * acc.itemsize < L * k.element_size() else None
+        max(num_rows(h) for h in plan.home) * acc.itemsize < L * k.element_size() else None
     kv, dkv_handle, own = [k, v], None, None
     last = plan.steps - 1
     for step in range(plan.steps):
@@ -184,12 +196,12 @@ def _ring_backward(dout, q, k, v, out, lse, delta, group, plan: RingPlan, scale,
         # This rank's contributions to the held block's dK/dV are summed apart from the accumulators
         # arriving from the previous rank, so those are needed only after the compute (their transfer
         # overlaps it), then added in one pass.
-        alo, ahi = home[(r - step) % n] if home is not None and step > 0 else (0, L)
-        sums = [RunningSum((t.shape[0], ahi - alo, *t.shape[2:]), t.dtype, t.device, impl) for t in (k, v)]
-        calls, base = zip(plan.calls[step], plan.masks[step], plan.records[step]), _base(plan, step)
-        for i, (c, lm, record) in enumerate(calls):
-            qs, ks = slice(c.q_start, c.q_start + c.q_len), slice(c.k_start - base, c.k_start - base + c.k_len)
-            ka = slice(c.k_start - alo, c.k_start - alo + c.k_len)  # the rows in the accumulators
+        acc_rows = home[(r - step) % n] if home is not None and step > 0 else ((0, L),)
+        sums = [RunningSum((t.shape[0], num_rows(acc_rows), *t.shape[2:]), t.dtype, t.device, impl) for t in (k, v)]
+        for i, (c, lm, record) in enumerate(zip(plan.calls[step], plan.masks[step], plan.records[step])):
+            k0, a0 = _row(plan, step, c.k_start), compact_row(acc_rows, c.k_start)
+            qs, ks = slice(c.q_start, c.q_start + c.q_len), slice(k0, k0 + c.k_len)
+            ka = slice(a0, a0 + c.k_len)  # the rows in the accumulators
             extra = {}
             if record.ring_accumulators and acc == torch.float32:  # the kernel adds into fp32 views in place
                 extra = dict(dq_acc=dq.buffer()[:, qs], dk_acc=sums[0].buffer()[:, ka], dv_acc=sums[1].buffer()[:, ka])
@@ -216,14 +228,15 @@ def _ring_backward(dout, q, k, v, out, lse, delta, group, plan: RingPlan, scale,
         dk, dv = (s.added_to(a, dtype).contiguous() for s, a in zip(sums, incoming))  # a kernel's own may be strided
         # The accumulators travel with their K/V block; after the last step the block of rank
         # r - last is complete and goes straight home (shift -last; -(N-1) is the next rank).
-        src = (0, None) if home is None else home[r] if step == last else home[(r - 1 - step) % n]
-        rows = None if home is None else src[1] - src[0]  # what the sender's accumulators hold
+        rows = None if home is None else num_rows(home[r] if step == last else home[(r - 1 - step) % n])  # sender's
         dkv_handle = dkv_comm.send_recv([dk, dv], shift=-last if step == last else 1, recv_rows=rows)
     dk, dv = dkv_handle.wait()
-    if own is not None:  # rows home[r] of this block's gradient came home: add them at their offset
+    if own is not None:  # rows home[r] of this block's gradient came home: add them at their offsets
         for s, t in zip(own, (dk, dv)):
-            if t.shape[1]:
-                s.add(t, home[r][0], final=True)
+            off = 0
+            for j, (lo, hi) in enumerate(home[r]):
+                s.add(t[:, off:off + hi - lo], lo, final=j == len(home[r]) - 1)
+                off += hi - lo
         dk, dv = own[0].result(), own[1].result()
     return dq.result(), dk, dv
 

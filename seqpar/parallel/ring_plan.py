@@ -250,6 +250,15 @@ def _local_mask(mask: Mask, c: Call, device) -> LocalMask:
                       device=device)
 
 
+def _cut_piece(piece: tuple, cut: int) -> list:
+    """``(local_start, (first, last, stride), length)`` split into its positions below ``cut`` and the rest."""
+    l0, (f, last, st), length = piece
+    if not f < cut <= last:
+        return [piece]
+    m = -(-(cut - f) // st)  # elements below cut
+    return [(l0, (f, f + (m - 1) * st, st), m), (l0 + m, (f + m * st, last, st), length - m)]
+
+
 def _generic_calls(mask: Mask, layout: str, n: int, seq_len: int) -> list:
     """``[rank][step]`` -> tuple of :class:`Call` for every rank (every rank computes all of them)."""
     info = _MaskInfo(mask, seq_len)
@@ -260,13 +269,17 @@ def _generic_calls(mask: Mask, layout: str, n: int, seq_len: int) -> list:
             out.append((local, (g0, g0 + st * (length - 1), st), length))
             local += length
         pieces.append(out)
+    # Without documents the sinks are the sequence's first keys: a key piece holding them is cut there,
+    # so the sink keys get calls of their own and a hop can carry them apart from the window's rows.
+    cut = mask.sinks if mask.sinks and mask.window is not None and mask.doc_ids is None else 0
     plan = []
     for r in range(n):
         steps = []
         for s in range(n):
             calls = []
+            keys = [kp for piece in pieces[(r - s) % n] for kp in (_cut_piece(piece, cut) if s else [piece])]
             for ql0, qp, qn in pieces[r]:
-                for kl0, kp, kn in pieces[(r - s) % n]:
+                for kl0, kp, kn in keys:
                     if info.any_visible(qp, kp):  # only the keys some query sees, the queries some key reaches
                         a, b = key_span(info.any_visible, qp, kp, kn)
                         ks = (kp[0] + a * kp[2], kp[0] + b * kp[2], kp[2])

@@ -85,13 +85,13 @@ def _transfers(rank, n):
 
     ra.RingComm, out = Recording, {}
     try:
-        for w, b in ((5, 1), (5, 2), (L, 1), (L + 4, 1), (None, 1)):
+        for w, b, sinks in ((5, 1, 0), (5, 2, 0), (L, 1, 0), (L + 4, 1, 0), (None, 1, 0), (5, 1, 3), (3, 1, 0)):
             log.clear()
             x = torch.randn(b, n * L, 2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(b))
             xl = shard_sequence(x, 1, layout="contiguous").requires_grad_()
-            mask = None if w is None else Mask(window=w)
+            mask = None if w is None else Mask(window=w, sinks=sinks, causal=w != 3)  # W=3: two-sided
             ring_attention(xl, xl, xl, mask=mask, causal=w is None, layout="contiguous", backend="torch").sum().backward()
-            out[(w, b)] = list(log)
+            out[(w, b) if sinks == 0 and w != 3 else ("sinks" if sinks else "two-sided", w)] = list(log)
     finally:
         ra.RingComm = base
     return out
@@ -148,5 +148,14 @@ def test_window_hops_send_w_rows_not_the_shard(n):
         if n > 2:
             second = 4 if 1 <= rank <= n - 2 else 0  # rank r forwards block r - 1 to r + 1 (none wrap around)
             assert [x[1] for x in t[(L + 4, 1)][:2]] == [[L, L], [second, second]]
+        # Window 5 + 3 sinks: the sinks (the sequence's first 3 keys) travel apart from the window's 5 rows, so
+        # no hop moves a whole block: rank 0's block goes out as 3 + 5 rows, then as its 3 sink rows only.
+        fwd = [x for x in t[("sinks", 5)] if x[0] == 1][: n - 1]  # the forward K/V hops (shift 1)
+        assert all(x[1][0] < L for x in t[("sinks", 5)]), t[("sinks", 5)]
+        if rank == 0:
+            assert fwd[0][1] == [8, 8]
+        # Two-sided window 3: a block is needed by both neighbours (its last and its first 3 rows) and, on 3+
+        # ranks, reaches the second one n-1 hops later: both spans travel, never the whole block.
+        assert all(x[1][0] <= 6 for x in t[("two-sided", 3)]), t[("two-sided", 3)]
         # plain causal: the classic plan, untouched
         assert all(x[1] == [L, L] for x in t[(None, 1)]) and len(t[(None, 1)]) == 3 * (n - 1) + 1

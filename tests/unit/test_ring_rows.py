@@ -39,15 +39,15 @@ def test_held_rows_cover_every_visible_key_of_the_later_steps(name, layout, n):
         for s in range(1, p.steps):
             kpos = local_positions(32, (r - s) % n, n, layout, doc_ids=IDS)
             seen = vis[qpos][:, kpos].any(0).nonzero().flatten()  # owner-local rows some query of r sees
-            lo, hi = held[s][r] if held is not None else (0, 32 // n)
-            assert all(lo <= j < hi for j in seen.tolist()), (r, s, lo, hi, seen)
-            for c in p.calls[s]:  # the calls read inside the held rows (and the dK/dV that travel)
-                assert lo <= c.k_start and c.k_start + c.k_len <= hi
+            spans = held[s][r] if held is not None else ((0, 32 // n),)
+            inside = lambda a, b, sp: any(lo <= a and b <= hi for lo, hi in sp)  # [a, b) within one span
+            assert all(inside(j, j + 1, spans) for j in seen.tolist()), (r, s, spans, seen)
+            for c in p.calls[s]:  # the calls read inside one held span (and the dK/dV that travel)
+                assert inside(c.k_start, c.k_start + c.k_len, spans)
                 if p.home is not None:
-                    assert p.home[(r - s) % n][0] <= c.k_start and c.k_start + c.k_len <= p.home[(r - s) % n][1]
-            if s + 1 < p.steps and held is not None:  # rows only shrink along the ring: each hop slices
-                nxt = held[s + 1][(r + 1) % n]
-                assert nxt[0] == nxt[1] or (lo <= nxt[0] and nxt[1] <= hi)
+                    assert inside(c.k_start, c.k_start + c.k_len, p.home[(r - s) % n])
+            if s + 1 < p.steps and held is not None:  # rows only shrink along the ring: each hop sends pieces
+                assert all(inside(a, b, spans) for a, b in held[s + 1][(r + 1) % n])
 
 
 def test_window_4096_on_two_ranks_at_512k_moves_4096_rows():
@@ -56,9 +56,24 @@ def test_window_4096_on_two_ranks_at_512k_moves_4096_rows():
     for r in range(2):
         p = build_plan(q, q, mask=Mask(window=4096), causal=False, layout="contiguous", rank=r, world_size=2,
                        backend="torch")
-        assert p.steps == 2 and p.held[1] == [(0, 0), (L - 4096, L)] and p.home == [(L - 4096, L), (0, 0)]
+        assert p.steps == 2 and p.held[1] == [(), ((L - 4096, L),)] and p.home == [((L - 4096, L),), ()]
     (c,) = p.calls[1]  # rank 1: only its first W queries reach back, only to the last W keys of rank 0
     assert (c.q_start, c.q_len, c.k_start, c.k_len) == (0, 4096, L - 4096, 4096)
+
+
+def test_window_with_sinks_moves_the_sinks_apart_from_the_window():
+    L, W = 256 * 1024, 4096
+    q = torch.empty(1, L, 1, 8)
+    for r in range(2):
+        p = build_plan(q, q, mask=Mask(window=W, sinks=4), causal=False, layout="contiguous", rank=r, world_size=2,
+                       backend="torch")
+        assert p.steps == 2 and p.held[1] == [(), ((0, 4), (L - W, L))] and p.home == [((0, 4), (L - W, L)), ()]
+    spans = sorted((c.k_start, c.k_len) for c in p.calls[1])  # rank 1 on rank 0's block: the sinks, the window
+    assert spans == [(0, 4), (L - W, W)]
+    p4 = [build_plan(q[:, : L // 2], q[:, : L // 2], mask=Mask(window=W, sinks=4), causal=False, layout="contiguous",
+                     rank=r, world_size=4, backend="torch") for r in range(4)]
+    assert p4[3].held[1][3] == ((L // 2 - W, L // 2),)  # block 2: the window only
+    assert [p4[s].held[s][s] for s in (1, 2, 3)] == [((0, 4), (L // 2 - W, L // 2)), ((0, 4),), ((0, 4),)]  # block 0
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "striped", "contiguous"])
