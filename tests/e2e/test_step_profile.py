@@ -64,7 +64,7 @@ def test_a_profiled_run_writes_its_breakdown_and_leaves_the_model_as_it_was(tmp_
         assert ms[part] > 0, (part, ms)
     assert ms["communication"] == 0  # one process
     assert sum(ms.values()) == pytest.approx(rec["busy_ms"], abs=0.01)
-    assert 0 < rec["busy_ms"] <= rec["step_ms"] * 1.05  # one CPU thread: its ops fit in the wall time
+    assert 0 < rec["busy_ms"] <= rec["step_ms"] * 1.5  # one process, ops on one thread: about the wall time at most
     assert "| norm |" in (tmp_path / "profile" / "breakdown.md").read_text()
     assert json.load(open(tmp_path / "profile" / "rank0.trace.json"))["traceEvents"]
     model = trainer.model
