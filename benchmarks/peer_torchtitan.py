@@ -128,8 +128,12 @@ def run(bundle: str, name: str, cfg, *, nproc: int, steps: int, warmup: int, out
                    for f in sorted(os.listdir(log_dir)) if f.startswith("tt_") and f.endswith(".log"))
     all_text = text + open(driver, errors="replace").read()
     oom = bool(re.search(r"out of memory|OutOfMemoryError", all_text, re.I))
-    status = ("dry run" if dry_run and rc == 0 and "CONFIG_OK" in text else "ok" if rc == 0 and not dry_run
-              else "OOM" if oom else str(rc) if rc != 0 else "no pre-flight")
+    if rc != 0:
+        status = "OOM" if oom else str(rc)
+    elif not dry_run:
+        status = "ok"
+    else:
+        status = "dry run" if "CONFIG_OK" in text else "no pre-flight"
     rec = {"name": name, "model": "llama3-1b (torchtitan 0.3.0)", "peer": "torchtitan", "nproc": nproc, "dp": dp,
            "cp": cp, "seq_len": seq, "tokens_per_step": seq * dp, "ac": "full", "ffn_chunk": None, "compile": False,
            "fsdp": "dp_cp", "returncode": rc, "status": status, "wall_s": round(time.time() - t0, 1),

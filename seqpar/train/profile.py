@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from collections import defaultdict
 from typing import Optional
 
@@ -78,11 +79,16 @@ def _backward_node(ev):
     return None
 
 
+def _on_cuda(events) -> bool:
+    """The profile timed CUDA kernels (else: a CPU run, timed by its ops)."""
+    return any(k.duration > 0 for e in events for k in getattr(e, "kernels", []))
+
+
 def categorize(events):
     """Yield ``(event, name, microseconds, category)`` for every kernel (CUDA) or every op's own CPU time (a CPU
     run) of a finished profiler's ``events()``, attributed as the module docstring says."""
     events = list(events)
-    cuda = any(k.duration > 0 for e in events for k in getattr(e, "kernels", []))
+    cuda = _on_cuda(events)
     forward_cat = {}  # (thread, sequence_nr) of a forward op -> its range category
     for e in events:
         if e.sequence_nr >= 0 and _backward_node(e) is None:
@@ -118,10 +124,10 @@ def categorize(events):
 def breakdown(events, *, steps: int, wall_s: float) -> dict:
     """``{category: ms per step}`` plus ``step_ms`` (wall), ``busy_ms`` (the device's own time per step, or the
     CPU's on a CPU run), ``device`` ("cuda" | "cpu"), from a finished profiler's ``events()``."""
-    total, cuda = defaultdict(float), False
-    for e, _, us, c in categorize(events):
+    events, total = list(events), defaultdict(float)
+    for _, _, us, c in categorize(events):
         total[c] += us
-        cuda = cuda or bool(getattr(e, "kernels", None))
+    cuda = _on_cuda(events)
     n = max(1, steps)
     out = {c: round(total.get(c, 0.0) / 1e3 / n, 3) for c in CATEGORIES}
     busy = sum(total.values()) / 1e3 / n
@@ -215,8 +221,6 @@ class StepProfiler:
     def before(self, step: int) -> None:
         if self.start <= 0 or step != self.start:
             return
-        import time
-
         acts = [torch.profiler.ProfilerActivity.CPU]
         if self.device.type == "cuda":
             acts.append(torch.profiler.ProfilerActivity.CUDA)
@@ -232,8 +236,6 @@ class StepProfiler:
         if self.prof is None or (step != self.end and not stopping):
             return None
         self.end = step
-        import time
-
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         wall = time.perf_counter() - self.t0
