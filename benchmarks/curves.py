@@ -68,7 +68,11 @@ def launch(nproc: int, run_dir: str, overrides: list, stop_at: int | None = None
         time.sleep(0.2)
     if proc.poll() is None:
         proc.kill()
-    return proc.wait()
+    code = proc.wait()
+    # progress as it happens, so a run cut short by an outer time limit still says how far each launch got
+    print(f"{os.path.basename(run_dir)}: exit {code} after {time.time() - t0:.0f} s, last logged step "
+          f"{max(losses(run_dir), default=0)} (log {run_dir}.log)", flush=True)
+    return code
 
 
 def plot_and_write(out: str, tag: str, curves: dict, summary: dict, meta: dict, note: str) -> str:

@@ -1,4 +1,4 @@
-"""Run a function on N real processes (gloo on CPU) and bring the results back to the test.
+"""Run a function on N real processes (gloo on CPU, or NCCL on one GPU each) and bring the results back to the test.
 
 ``run_distributed(fn, world_size, *args)`` spawns ``world_size`` processes with the ``spawn`` start
 method, a free TCP port on 127.0.0.1, and a hard deadline: if any process fails or the group does
@@ -29,12 +29,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(fn, rank: int, world_size: int, port: int, outdir: str, args: tuple, pg_timeout_s: float) -> None:
+def _child(fn, rank: int, world_size: int, port: int, outdir: str, args: tuple, pg_timeout_s: float,
+           backend: str = "gloo") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)  # N processes on few cores: oversubscription makes gloo waits look like hangs
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout_s))
+        if backend == "nccl":  # rank r drives GPU r; device_id binds the group to it (eager NCCL init)
+            torch.cuda.set_device(rank)
+            dist.init_process_group("nccl", rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout_s),
+                                    device_id=torch.device("cuda", rank))
+        else:
+            dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout_s))
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
         if dist.is_initialized():  # (unless fn tore the group down itself)
@@ -62,17 +68,22 @@ def _wait_for_peers(outdir: str, world_size: int, timeout_s: float) -> None:
         time.sleep(0.02)
 
 
-def run_distributed(fn, world_size: int, *args, timeout_s: float = 120.0, pg_timeout_s: float = 60.0) -> list:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo processes; return each rank's result.
+def run_distributed(fn, world_size: int, *args, timeout_s: float = 120.0, pg_timeout_s: float = 60.0,
+                    backend: str = "gloo") -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo (or nccl) processes; return each rank's result.
+
+    ``backend="nccl"``: one GPU per rank (rank r on ``cuda:r``), so ``world_size`` must not exceed the GPU count.
 
     ``fn`` must be a module-level function (picklable). Raises AssertionError with the children's
     tracebacks if any rank fails, or after ``timeout_s`` seconds (all children killed).
     """
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend={backend!r}: run_distributed supports 'gloo' and 'nccl'.")
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as outdir:
         port = free_port()
-        procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, outdir, args, pg_timeout_s), daemon=True)
-                 for r in range(world_size)]
+        procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, outdir, args, pg_timeout_s, backend),
+                             daemon=True) for r in range(world_size)]
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout_s
