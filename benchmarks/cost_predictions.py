@@ -1,6 +1,6 @@
 """PREDICTIONS of the context-parallel cost model (seqpar/parallel/cost.py): no GPU is run here.
 
-    .venv/bin/python benchmarks/cost_predictions.py [--out benchmarks/results/cost_model_<date>]
+    .venv/bin/python benchmarks/cost_predictions.py [--out benchmarks/results/cost_model_<date>] [--skip-calibration]
 
 Writes ``cost_predictions.{md,json}`` (best mode and every mode's predicted efficiency for 8, 64, 256, 1024 GPUs
 at 128k..16M tokens, Llama-3-8B attention shape), ``cost_calibration.md`` (fit error per measured point, the peer
@@ -158,6 +158,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", f"cost_model_{date}"))
     ap.add_argument("--inter-gbs", type=float, default=50.0)
+    ap.add_argument("--skip-calibration", action="store_true",
+                    help="write only the predictions (cost_calibration.md's text describes the 2026-11-28 refit; "
+                         "a later refit writes its own report next to them)")
     args = ap.parse_args(argv)
     cal = cost.DEFAULT
     rows = prediction_rows(cal, inter_gbs=args.inter_gbs)
@@ -168,8 +171,9 @@ def main(argv=None) -> None:
     meta = {"kind": "PREDICTION (cost model; nothing measured)", "date": date, "model": "seqpar/parallel/cost.py",
             "calib": dataclasses.asdict(cal), "shape": SHAPE, "inter_gbs": args.inter_gbs}
     paths = write_outputs(args.out, "cost_predictions", meta, {"rows": rows, "fit": fit, "peers": peers}, md)
-    with open(os.path.join(args.out, "cost_calibration.md"), "w") as f:
-        f.write(calib_md)
+    if not args.skip_calibration:
+        with open(os.path.join(args.out, "cost_calibration.md"), "w") as f:
+            f.write(calib_md)
     series = {f"{n} GPUs (best mode)": [(r["tokens"], 100 * r["best_efficiency"]) for r in rows if r["gpus"] == n]
               for n in GPUS}
     series.update({f"{n} GPUs ring only": [(r["tokens"], 100 * (r["ring"] or 0)) for r in rows if r["gpus"] == n]
@@ -177,7 +181,8 @@ def main(argv=None) -> None:
     png = line_plot(os.path.join(args.out, "cost_predictions.png"), series, xlabel="total tokens",
                     ylabel="predicted efficiency (%)", logx=True, hline=100.0,
                     title="PREDICTED attention efficiency (cost model; 8 H200/node, 50 GB/s inter-node)")
-    print("\n".join([paths["md"], paths["json"], os.path.join(args.out, "cost_calibration.md"), str(png)]))
+    calib_path = [] if args.skip_calibration else [os.path.join(args.out, "cost_calibration.md")]
+    print("\n".join([paths["md"], paths["json"], *calib_path, str(png)]))
 
 
 if __name__ == "__main__":
