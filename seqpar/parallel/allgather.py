@@ -19,9 +19,17 @@ Within a slice, the gathered keys are put in global order; each run of this rank
 can see (causality, the window and the documents of its first and last query bound it; sinks or
 block-sparse only narrow it further inside the kernel), with the global :class:`~seqpar.ops.Mask`
 restricted by :meth:`Mask.local` to those positions. Every mask kind and every layout therefore run.
+
+Kernels that take a causal mask only on the aligned diagonal (cuDNN, flash): a run of consecutive queries
+``[a, a + n)`` under a plain causal mask sees keys ``[0, a)`` entirely and ``[a, a + n)`` as a diagonal, so it
+is cut into those two calls (a fully visible block and an aligned diagonal) whose (out, lse) merge exactly, as
+the ring merges its blocks; their backward takes the merged out and lse. ``backend="auto"`` cuts a run when
+the parts get a backend ranked before the whole run's (:data:`~seqpar.ops.attention.registry.AUTO_ORDER`:
+cuDNN rather than Triton on a GPU); a named backend is cut only when it cannot express the whole run.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -30,7 +38,7 @@ import torch
 from torch import Tensor
 
 from seqpar.ops.attention import LocalMask, Mask, select
-from seqpar.ops.attention.registry import backward_delta
+from seqpar.ops.attention.registry import AUTO_ORDER, backward_delta
 from seqpar.parallel.allgather_comm import KVSliceComm
 from seqpar.parallel.collectives import group_rank, group_size
 from seqpar.parallel.layout import rank_pieces
@@ -73,13 +81,20 @@ def head_slices(n_heads: int, n_kv_heads: int, slices: Optional[int] = None) -> 
 
 
 @dataclass
-class _Run:
-    """One kernel call of a slice: local queries ``[l0, l0 + length)`` against global keys ``[lo, hi)``."""
-    l0: int
-    length: int
+class _Part:
+    """One kernel call: the run's queries against global keys ``[lo, hi)`` under ``lm`` on ``record``."""
     lo: int
     hi: int
     lm: LocalMask
+    record: object
+
+
+@dataclass
+class _Run:
+    """Local queries ``[l0, l0 + length)``: one kernel call, or a fully visible block + an aligned diagonal."""
+    l0: int
+    length: int
+    parts: list
 
 
 @dataclass(frozen=True)
@@ -87,14 +102,51 @@ class AllGatherPlan:
     """What every slice repeats: the kernel calls and their backends (the same for every head slice: heads
     do not enter the choice), the token permutations, the head slices."""
     runs: list
-    records: list
     order: Tensor      # [S] global position of each gathered token (rank order)
     to_global: Tensor  # [S] inverse: gathered[:, to_global] is in global order
     heads: list
 
+    @property
+    def records(self) -> list:
+        return [p.record for r in self.runs for p in r.parts]
+
+
+def _rank(record, device: torch.device) -> int:
+    order = AUTO_ORDER.get(device.type, ("torch",))
+    return order.index(record.name) if record.name in order else len(order)
+
+
+def _plan_run(q, k, mask: Mask, start: int, length: int, stride: int, lo: int, hi: int, backend: str,
+              split: Optional[bool]) -> list:
+    """The parts of one run (see the module docstring): ``split`` True cuts every run it can, False none,
+    None as the backend decides."""
+    qr = q[:, :length]
+    # A zero-stride view stands in for the keys: the choice reads only their count, dtype and device.
+    keys = lambda a, b: k[:, :1].expand(-1, b - a, -1, -1)
+    local = lambda a, b: mask.local(start, length, a, b - a, q_stride=stride, device=q.device)
+    plain = mask.causal and mask.window is None and mask.sinks == 0 and mask.doc_ids is None \
+        and mask.block_sparse is None
+    cuttable = split is not False and plain and stride == 1 and lo < start and hi == start + length
+    try:
+        whole, refused = [_Part(lo, hi, local(lo, hi), select(backend, qr, keys(lo, hi), local(lo, hi)))], None
+    except ValueError as e:
+        whole, refused = None, e
+    if cuttable:
+        try:
+            parts = [_Part(a, b, local(a, b), select(backend, qr, keys(a, b), local(a, b)))
+                     for a, b in ((lo, start), (start, hi))]
+        except ValueError:
+            parts = None
+        if parts is not None and (split or whole is None or (backend == "auto" and max(
+                _rank(p.record, q.device) for p in parts) < _rank(whole[0].record, q.device))):
+            return parts
+    if whole is None:
+        raise refused
+    return whole
+
 
 def build_plan(q: Tensor, k: Tensor, mask: Mask, group, layout: str, backend: str,
-               slices: Optional[int]) -> AllGatherPlan:
+               slices: Optional[int], split: Optional[bool] = None) -> AllGatherPlan:
     """The plan of this rank (host-side; identical inputs give identical plans). Raises the registry's
     ValueError, before any communication, when ``backend`` cannot express a call."""
     heads = head_slices(q.shape[2], k.shape[2], slices)
@@ -105,12 +157,19 @@ def build_plan(q: Tensor, k: Tensor, mask: Mask, group, layout: str, backend: st
     runs, l0 = [], 0
     for start, length, stride in rank_pieces(s, rank, n, layout, mask.doc_ids):
         lo, hi = key_range(mask, start, start + stride * (length - 1), s, ids)
-        runs.append(_Run(l0, length, lo, hi, mask.local(start, length, lo, hi - lo, q_stride=stride, device=q.device)))
+        runs.append(_Run(l0, length, _plan_run(q, k, mask, start, length, stride, lo, hi, backend, split)))
         l0 += length
-    # A zero-stride view stands in for the run's keys: the choice reads only their count, dtype and device.
-    records = [select(backend, q[:, r.l0:r.l0 + r.length], k[:, :1].expand(-1, r.hi - r.lo, -1, -1), r.lm)
-               for r in runs]
-    return AllGatherPlan(runs, records, order, torch.argsort(order), heads)
+    return AllGatherPlan(runs, order, torch.argsort(order), heads)
+
+
+def _merge(outs: list, lses: list) -> tuple:
+    """Exact merge of partial attentions over disjoint key sets: ``[B, n, h, D]`` outs, ``[B, h, n]`` fp32 lses."""
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    lse = functools.reduce(torch.logaddexp, lses)
+    safe = torch.where(torch.isneginf(lse), 0.0, lse)  # a row that sees nothing keeps out 0, lse -inf
+    out = sum(o.to(lse.dtype) * torch.exp(lp - safe).transpose(1, 2)[..., None] for o, lp in zip(outs, lses))
+    return out.to(outs[0].dtype), lse
 
 
 def _gather(comm: KVSliceComm, k: Tensor, v: Tensor, plan: AllGatherPlan, i: int):
@@ -129,12 +188,15 @@ def _forward(q, k, v, comm: KVSliceComm, plan: AllGatherPlan, scale: float):
         nxt = _gather(comm, k, v, plan, i + 1)  # in flight while this slice computes
         kv = pending.wait()[:, :, plan.to_global]  # [2, B, S, h, D] global order
         qi = q[:, :, hq]
-        for r, record in zip(plan.runs, plan.records):
-            rows, keys = slice(r.l0, r.l0 + r.length), slice(r.lo, r.hi)
-            qr, kr, vr = (t.contiguous() for t in (qi[:, rows], kv[0][:, keys], kv[1][:, keys]))
-            o, l = record.forward(qr, kr, vr, r.lm, softmax_scale=scale)
-            out[:, rows, hq] = o
-            lse[:, hq, rows] = l
+        for r in plan.runs:
+            rows = slice(r.l0, r.l0 + r.length)
+            qr, outs, lses = qi[:, rows].contiguous(), [], []
+            for p in r.parts:
+                o, l = p.record.forward(qr, kv[0][:, p.lo:p.hi].contiguous(), kv[1][:, p.lo:p.hi].contiguous(), p.lm,
+                                        softmax_scale=scale)
+                outs.append(o)
+                lses.append(l)
+            out[:, rows, hq], lse[:, hq, rows] = _merge(outs, lses)
         pending = nxt
     return out, lse
 
@@ -149,18 +211,23 @@ def _backward(dout, dlse, q, k, v, out, lse, comm: KVSliceComm, plan: AllGatherP
         qi, oi, gi, li = q[:, :, hq], out[:, :, hq], dout[:, :, hq], lse[:, hq]
         delta = backward_delta(plan.records, gi, oi, None if dlse is None else dlse[:, hq])  # [B, h*G, L] or None
         dkv = kv.new_zeros(kv.shape, dtype=acc)  # this rank's dK, dV of every key of the slice, fp32
-        for r, record in zip(plan.runs, plan.records):
-            rows, keys = slice(r.l0, r.l0 + r.length), slice(r.lo, r.hi)
-            extra = {} if delta is None else {"delta": delta[:, :, rows].contiguous()}
-            if record.ring_accumulators and acc == torch.float32:  # the kernel adds into fp32 views in place
-                extra.update(dk_acc=dkv[0][:, keys], dv_acc=dkv[1][:, keys])
-            dq_r, dk_r, dv_r = record.backward(
-                *(t[:, rows].contiguous() for t in (gi, qi)), kv[0][:, keys].contiguous(), kv[1][:, keys].contiguous(),
-                oi[:, rows].contiguous(), li[:, :, rows].contiguous(), r.lm, softmax_scale=scale, **extra)
-            dq[:, rows, hq] = dq_r  # every local query is in exactly one run
-            if dk_r is not extra.get("dk_acc"):
-                dkv[0][:, keys] += dk_r
-                dkv[1][:, keys] += dv_r
+        for r in plan.runs:
+            rows = slice(r.l0, r.l0 + r.length)
+            g_r, q_r, o_r = (t[:, rows].contiguous() for t in (gi, qi, oi))
+            l_r = li[:, :, rows].contiguous()
+            dq_sum = None
+            for p in r.parts:  # each part's backward with the run's merged out and lse
+                keys = slice(p.lo, p.hi)
+                extra = {} if delta is None else {"delta": delta[:, :, rows].contiguous()}
+                if p.record.ring_accumulators and acc == torch.float32:  # the kernel adds into fp32 views in place
+                    extra.update(dk_acc=dkv[0][:, keys], dv_acc=dkv[1][:, keys])
+                dq_r, dk_r, dv_r = p.record.backward(g_r, q_r, kv[0][:, keys].contiguous(), kv[1][:, keys].contiguous(),
+                                                     o_r, l_r, p.lm, softmax_scale=scale, **extra)
+                dq_sum = dq_r if dq_sum is None else dq_sum.to(acc) + dq_r.to(acc)  # two parts: one rounding
+                if dk_r is not extra.get("dk_acc"):
+                    dkv[0][:, keys] += dk_r
+                    dkv[1][:, keys] += dv_r
+            dq[:, rows, hq] = dq_sum  # every local query is in exactly one run
         started = comm.reduce_scatter(dkv[:, :, plan.order])  # rank order; sums while the next slice computes
         if reducing is not None:
             _store(reducing, dk, dv)
@@ -210,6 +277,7 @@ def allgather_attention_with_lse(
     backend: str = "auto",
     validate: bool = True,
     slices: Optional[int] = None,
+    split_causal: Optional[bool] = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact attention over the sequence sharded across ``group`` by ``layout``, by all-gathering K/V.
 
@@ -217,6 +285,8 @@ def allgather_attention_with_lse(
     ``slices``: head slices pipelined so each slice's transfer hides behind the previous one's kernels
     (default ``min(4, Hkv)``; at most ``Hkv``, a larger value is cut to it; 1: one gather, no overlap). The
     result does not depend on it (heads are independent). Every rank must pass the same ``slices``.
+    ``split_causal``: cut runs under a plain causal mask into a fully visible block + an aligned diagonal
+    (module docstring): None as the backend needs (default), True wherever a run allows it, False never.
     Returns out ``[B, L, H, D]`` (q's dtype) and lse ``[B, H, L]`` (fp32, fp64 for fp64; natural log).
     Differentiable in q, k, v (dK/dV reduce-scattered to their owners).
     Raises ValueError for shapes that differ across ranks, a length the layout cannot split, a mask that
@@ -225,7 +295,7 @@ def allgather_attention_with_lse(
     mask = check_shapes(q, k, v, group, layout, causal, mask) if validate else ring_mask(causal, mask)
     mask = mask if mask is not None else Mask(causal=causal)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    plan = build_plan(q, k, mask, group, layout, backend, slices)
+    plan = build_plan(q, k, mask, group, layout, backend, slices, split_causal)
     return AllGatherAttentionFn.apply(q, k, v, group, plan, scale)
 
 

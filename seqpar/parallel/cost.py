@@ -30,7 +30,8 @@ Notation: ``S`` tokens per sequence, ``B`` batch, ``H``/``Hk`` query/KV heads, `
   tails). Gather K/V (``2 B S Hk D b (n-1)/n``) forward, gather AGAIN in the backward (K/V are not saved),
   reduce-scatter fp32 dK/dV, all at ``coll_eff`` of the link; the first slice exposed, the rest hidden behind
   the previous slice's kernels (plus ``gam`` contention while overlapped). Causal calls sit at an offset into
-  their keys, which cuDNN/flash refuse (``ALIGNED_CAUSAL_ONLY``): those run at Triton's rates.
+  their keys, which cuDNN/flash take only cut in two (a fully visible block + an aligned diagonal: twice the
+  calls, at the kernel's own rate; a prediction, not yet measured); other masks run at Triton's rates.
 - hybrid: Ulysses over ``U`` GPUs of one node, then the ring over ``R = N/U`` groups with ``S/R`` tokens and
   ``H/U`` heads per GPU; the best ``U`` is chosen.
 - efficiency = ``F/(N rate(S)) / t``: the same kernel on one GPU at the same total tokens, as the benchmarks do.
@@ -274,14 +275,16 @@ def _allgather(s: AttnShape, c: Cluster, cal: Calib) -> dict:
         return {"kernel": attention_flops(s) / (kernel_tflops(c.kernel, s.seq_len) * 1e12)}
     k = min(cal.slices, s.hk)  # the code never cuts more slices than KV heads
     bw = cal.coll_eff * _bw(c, n)
-    kernel = "triton" if c.kernel in ALIGNED_CAUSAL_ONLY and s.visible < 1 else c.kernel
+    cut = c.kernel in ALIGNED_CAUSAL_ONLY and s.visible == 0.5  # plain causal: each run cut in two calls
+    kernel = "triton" if c.kernel in ALIGNED_CAUSAL_ONLY and s.visible < 1 and not cut else c.kernel
     t_k = attention_flops(s) / (n * kernel_tflops(kernel, s.seq_len / (RUNS * n)) * 1e12)
     cf, cb = FWD_SHARE[kernel] * t_k, (1 - FWD_SHARE[kernel]) * t_k
     kv = 2.0 * s.batch * s.seq_len * s.hk * s.head_dim * (n - 1) / n * s.layers
     g, r = kv * s.dtype_bytes / bw, kv * cal.grad_bytes / bw  # gather (fwd, again bwd); fp32 reduce-scatter
     exposed = g / k + max(0.0, g - cf) * (k - 1) / k + (g + r) / k + max(0.0, g + r - cb) * (k - 1) / k
     lat = (cal.coll_latency_s if n <= c.gpus_per_node else cal.inter_latency_s) * 3 * k * s.layers
-    return {"kernel": t_k, "calls": 2 * RUNS * k * cal.ag_call_s * s.layers, "exposed_comm": exposed,
+    calls = 2 * RUNS * (2 if cut else 1) * k * cal.ag_call_s * s.layers
+    return {"kernel": t_k, "calls": calls, "exposed_comm": exposed,
             "contention": cal.gamma * (k - 1) / k * (2 * g + r), "fixed": lat}
 
 

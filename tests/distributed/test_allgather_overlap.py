@@ -40,6 +40,13 @@ def _cases():
             for m in MASKS for lay in LAYOUTS[m] for h, hkv in HEADS for sl in SLICES]
 
 
+def _split_cases():
+    """Causal runs cut into a fully visible block + an aligned diagonal (``split_causal=True``; what cuDNN needs):
+    zigzag and contiguous (consecutive queries: cut), striped (strided queries: never cut, same result)."""
+    return [dict(name=f"causal-{lay}-{h}/{hkv}-split-s{sl}", mask="causal", layout=lay, h=h, hkv=hkv, slices=sl,
+                 split=True) for lay in ("zigzag", "contiguous", "striped") for h, hkv in HEADS for sl in (1, 2)]
+
+
 def _inputs(case, s):
     g = torch.Generator().manual_seed(sum(map(ord, case["name"].rsplit("-s", 1)[0])) + s)  # same for every slices
     mk = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
@@ -58,7 +65,8 @@ def _run_case(case, n):
     shard = lambda x, dim=1: shard_sequence(x, dim, layout=layout, doc_ids=ids)
     ql, kl, vl = (shard(t).requires_grad_() for t in (q, k, v))
     extra = dict(causal=True) if kw is None else dict(mask=Mask(**kw))
-    out, lse = allgather_attention_with_lse(ql, kl, vl, layout=layout, backend="torch", slices=case["slices"], **extra)
+    out, lse = allgather_attention_with_lse(ql, kl, vl, layout=layout, backend="torch", slices=case["slices"],
+                                            split_causal=case.get("split"), **extra)
     ((out * shard(dout)).sum() + (lse.nan_to_num(neginf=0.0) * shard(dlse, 2)).sum()).backward()
     un = lambda x, dim=1: unshard_sequence(x.detach(), dim, layout=layout, doc_ids=ids)
     return dict(out=un(out), lse=un(lse, 2), dq=un(ql.grad), dk=un(kl.grad), dv=un(vl.grad))
@@ -118,8 +126,19 @@ def _logged_schedule(slices):
     return log
 
 
+def _split_calls(n):
+    """Kernel calls per run of this rank's plan for a causal zigzag shard, without and with the cut."""
+    from seqpar.ops import Mask
+    from seqpar.parallel.allgather import build_plan
+
+    q = torch.zeros(1, L, 8, 8, dtype=torch.float64)
+    return {split: [len(r.parts) for r in build_plan(q, q[:, :, :2], Mask(causal=True), None, "zigzag", "torch",
+                                                     None, split).runs] for split in (None, True, False)}
+
+
 def _worker(rank, n):
-    res = {c["name"]: _run_case(c, n) for c in _cases()}
+    res = {c["name"]: _run_case(c, n) for c in _cases() + _split_cases()}
+    res["split_calls"] = _split_calls(n)
     if n == 2:
         res["schedule"] = {sl: _logged_schedule(sl) for sl in (1, 3)}
     return res
@@ -201,3 +220,21 @@ def test_group_of_one_matches_reference():
         out, lse = allgather_attention_with_lse(q, k, v, causal=True, backend="torch", slices=slices)
         torch.testing.assert_close(out, ref[0], **TOL)
         torch.testing.assert_close(lse, ref[1], **TOL)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_causal_runs_cut_for_diagonal_only_kernels_match_float64(n):
+    ranks = _results(n)
+    for case in _split_cases():
+        ref = _reference(tuple((k, v) for k, v in case.items() if k != "split"), n)
+        for rank, res in enumerate(ranks):
+            got = res[case["name"]]
+            for key in ("out", "lse", "dq", "dk", "dv"):
+                torch.testing.assert_close(got[key], ref[key], **TOL,
+                                           msg=lambda m: f"n={n} {case['name']} rank {rank} {key}: {m}")
+    for rank, res in enumerate(ranks):
+        calls = res["split_calls"]
+        # zigzag: rank r holds chunks r and 2n-1-r; a chunk starting at 0 (rank 0's first) has no keys before it
+        assert calls[True] == ([1, 2] if rank == 0 else [2, 2]), calls
+        assert calls[None] == calls[False] == [1, 1], calls  # on the CPU the reference takes every run whole

@@ -110,13 +110,21 @@ def test_collective_efficiency_and_allgather_calls_by_hand(slope_kernel):
     assert got["time"] == pytest.approx(2.20722e-2, rel=1e-4)
 
 
-def test_allgather_causal_runs_triton_rates():
-    # cuDNN refuses the all-gather's offset causal calls (measured), so the mode costs Triton's kernel time while
-    # its efficiency is still measured against cuDNN on one GPU; a full mask keeps cuDNN's rates
+def test_allgather_causal_runs_cut_for_cudnn_and_masks_at_triton_rates():
+    # cuDNN takes the all-gather's offset causal runs only cut into a full block + an aligned diagonal: its own rate,
+    # twice the calls (hand-computed below); a document/window mask (visible < 0.5) runs Triton's kernel time while
+    # the efficiency is still measured against cuDNN on one GPU; a full mask keeps cuDNN's rates, uncut
     s, full = cost.AttnShape(seq_len=2**20), cost.AttnShape(seq_len=2**20, visible=1.0)
+    masked = cost.AttnShape(seq_len=2**20, visible=0.1)
     cudnn, triton = cost.Cluster(gpus=8, kernel="sdpa_cudnn"), cost.Cluster(gpus=8, kernel="triton")
-    assert cost.mode_time("allgather", s, cudnn)["time"] == cost.mode_time("allgather", s, triton)["time"]
+    cut, tri = cost.mode_time("allgather", s, cudnn)["parts"], cost.mode_time("allgather", s, triton)["parts"]
+    assert cut["calls"] == pytest.approx(2 * tri["calls"])
+    rate = cost.kernel_tflops("sdpa_cudnn", 2**20 / (cost.RUNS * 8)) * 1e12
+    assert cut["kernel"] == pytest.approx(cost.attention_flops(s) / (8 * rate))
+    assert cost.mode_time("allgather", masked, cudnn)["time"] == cost.mode_time("allgather", masked, triton)["time"]
     assert cost.mode_time("allgather", full, cudnn)["time"] < cost.mode_time("allgather", full, triton)["time"]
+    assert cost.mode_time("allgather", full, cudnn)["parts"]["calls"] == cost.mode_time("allgather", full, triton)[
+        "parts"]["calls"]
 
 
 def test_heads_that_do_not_split():
