@@ -2,8 +2,8 @@
 
 Everything this module returns is a PREDICTION from measured kernel rates and link bandwidths; it is
 calibrated on 2- and 4-GPU H200 measurements of every mode (``MEASURED``), nothing more. Plain numbers in,
-plain numbers out: it imports nothing from ``seqpar`` (no model, no config), so the config and
-``train.py --dry-run`` can use it.
+plain numbers out: it imports nothing from ``seqpar`` but its data (``cost_data.py``: no model, no config), so
+the config and ``train.py --dry-run`` can use it.
 
 Notation: ``S`` tokens per sequence, ``B`` batch, ``H``/``Hk`` query/KV heads, ``D`` head_dim, ``b`` dtype bytes,
 ``v`` visible fraction of (query, key) pairs (0.5 causal, 1 full), ``N`` GPUs, ``g`` GPUs per node.
@@ -21,7 +21,9 @@ Notation: ``S`` tokens per sequence, ``B`` batch, ``H``/``Hk`` query/KV heads, `
   ``bw`` is NVLink inside a node, the inter-node link per GPU once the ring spans nodes (every step waits for
   its slowest hop).
 - ulysses over ``U = N`` (``U | H``; KV heads replicated to ``Hk' = max(Hk, U)``): 4 all-to-alls forward (q, k, v,
-  out) and 4 backward (dout, dq, dk, dv), none overlapped, each moving ``(U-1)/U`` of ``B (S/U) heads D b`` at
+  out) and 4 backward (dout, dq, dk, dv), in ``ch`` head chunks (``ulysses_chunks``) of which only the first
+  chunk's inputs and the last one's results are exposed (1 chunk, as every measured row ran: none hidden), each
+  moving ``(U-1)/U`` of ``B (S/U) heads D b`` at
   ``coll_eff`` of the link's send/recv rate (NCCL collectives over NVLink reach less than send/recv; fitted);
   then the whole-sequence kernel on ``H/U`` heads: ``F/(U rate(S))``.
 - allgather: K/V in ``k = min(slices, Hk)`` head slices; per slice one kernel call per run of local queries
@@ -43,70 +45,13 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+# The measured kernel rates and mode efficiencies (data only).
+from seqpar.parallel.cost_data import FWD_SHARE, HYBRID_MEASURED_U, KERNEL_TFLOPS, MEASURED
+
 MODES = ("ring", "allgather", "ulysses", "hybrid")
-
-# Single-GPU fwd+bwd causal TFLOP/s per kernel vs call length in tokens (H200, bf16, H=32, D=128): averages of
-# /work/shared/DEVICE.md and the single-GPU rows of benchmarks/results/ring_*.md, x4_2026-11-28, issue12_before_after.
-KERNEL_TFLOPS = {
-    "sdpa_cudnn": ((16384, 530.0), (32768, 549.0), (65536, 555.0), (131072, 538.0), (262144, 525.0), (524288, 515.0)),
-    "sdpa_flash": ((16384, 318.0), (32768, 325.0), (65536, 327.0), (131072, 322.0)),
-    "triton": ((16384, 399.0), (32768, 388.0), (65536, 404.0), (131072, 402.0)),
-}
-# Forward's share of the fwd+bwd kernel time: (1/3.5) * rate(fwd+bwd) / rate(fwd), from the same tables.
-FWD_SHARE = {"sdpa_cudnn": 0.26, "sdpa_flash": 0.27, "triton": 0.23}
-
-# Measured efficiencies the model is fitted to (zigzag, causal fwd+bwd, B=1 H=32 D=128 bf16; efficiency = per-GPU
-# TFLOP/s / the same kernel on one GPU over the whole sequence): (mode, kernel, GPUs, total tokens, KV heads, eff).
-# Ring before the fused merge (ring_NVIDIA-H200_x2_2026-11-22.md, x4_2026-11-28/, issue12_before_after/; means):
-_RING_OLD = (
-    ("sdpa_cudnn", 2, 32768, 0.86), ("sdpa_cudnn", 2, 65536, 0.92), ("sdpa_cudnn", 2, 131072, 0.98),
-    ("sdpa_cudnn", 2, 262144, 1.01), ("sdpa_cudnn", 2, 524288, 1.02), ("sdpa_cudnn", 4, 131072, 0.93),
-    ("sdpa_cudnn", 4, 262144, 0.99), ("sdpa_cudnn", 4, 524288, 1.01),
-    ("sdpa_flash", 2, 32768, 0.91), ("sdpa_flash", 2, 65536, 0.95), ("sdpa_flash", 2, 131072, 0.985),
-    ("sdpa_flash", 4, 131072, 0.96),
-    ("triton", 2, 32768, 0.93), ("triton", 2, 65536, 0.95), ("triton", 2, 131072, 0.98), ("triton", 4, 131072, 0.95),
-)
-# 2026-11-28, fused ring merge: session4_2026-11-28/ring_fused_merge/ (2 GPUs, 32k), ring_1m/log.txt (1M tokens),
-# and the same-run table of every mode, session4_2026-11-28/cp_modes/cp_modes_NVIDIA-H200_x4_2026-11-28.json
-# (hybrid: Ulysses over 2 consecutive ranks x ring over 2; all-gather runs Triton only).
-_TODAY = (
-    ("ring", "sdpa_cudnn", 2, 32768, 32, 0.91), ("ring", "sdpa_flash", 2, 32768, 32, 0.94),
-    ("ring", "triton", 2, 32768, 32, 0.93),
-    ("ring", "sdpa_cudnn", 2, 1048576, 32, 1.013), ("ring", "sdpa_cudnn", 4, 1048576, 32, 1.028),
-    ("ring", "sdpa_cudnn", 2, 32768, 32, 0.904), ("ring", "triton", 2, 32768, 32, 0.901),
-    ("ring", "sdpa_cudnn", 4, 32768, 32, 0.686), ("ring", "triton", 4, 32768, 32, 0.782),
-    ("ring", "sdpa_cudnn", 2, 32768, 8, 0.917), ("ring", "triton", 2, 32768, 8, 0.951),
-    ("ring", "sdpa_cudnn", 4, 32768, 8, 0.827), ("ring", "triton", 4, 32768, 8, 0.898),
-    ("ulysses", "sdpa_cudnn", 2, 32768, 32, 0.859), ("ulysses", "triton", 2, 32768, 32, 0.912),
-    ("ulysses", "sdpa_cudnn", 4, 32768, 32, 0.835), ("ulysses", "triton", 4, 32768, 32, 0.899),
-    ("ulysses", "sdpa_cudnn", 2, 32768, 8, 0.876), ("ulysses", "triton", 2, 32768, 8, 0.955),
-    ("ulysses", "sdpa_cudnn", 4, 32768, 8, 0.856), ("ulysses", "triton", 4, 32768, 8, 0.932),
-    ("allgather", "triton", 2, 32768, 32, 0.734), ("allgather", "triton", 4, 32768, 32, 0.588),
-    ("allgather", "triton", 2, 32768, 8, 0.784), ("allgather", "triton", 4, 32768, 8, 0.707),
-    ("hybrid", "sdpa_cudnn", 4, 32768, 32, 0.788), ("hybrid", "triton", 4, 32768, 32, 0.794),
-    ("hybrid", "sdpa_cudnn", 4, 32768, 8, 0.824), ("hybrid", "triton", 4, 32768, 8, 0.866),
-)
-# session6_2026-11-28/ (cuDNN, long sequences; efficiency against the same run's single-GPU row): 4 GPUs
-# modes_x4/cp_modes_NVIDIA-H200_x4_2026-11-28.json (hybrid: Ulysses 2 x ring 2); 2 GPUs at 128k/256k
-# modes_x2/cp_modes_x2_128k_256k_printed.md (single ms / (2 x mode ms)), at 512k
-# modes_x2/cp_modes_NVIDIA-H200_x2_2026-11-28.json.
-# Held out first: the constants fitted without them erred 1.81 pp mean, 3.2 worst (cost_model/cost_calibration.md).
-_SESSION6 = (
-    ("ring", "sdpa_cudnn", 4, 131072, 32, 0.9451), ("ulysses", "sdpa_cudnn", 4, 131072, 32, 0.9325),
-    ("hybrid", "sdpa_cudnn", 4, 131072, 32, 0.9486), ("ring", "sdpa_cudnn", 4, 131072, 8, 0.9620),
-    ("ulysses", "sdpa_cudnn", 4, 131072, 8, 0.9514), ("hybrid", "sdpa_cudnn", 4, 131072, 8, 0.9589),
-    ("ring", "sdpa_cudnn", 4, 262144, 32, 0.9875), ("ulysses", "sdpa_cudnn", 4, 262144, 32, 0.9608),
-    ("hybrid", "sdpa_cudnn", 4, 262144, 32, 0.9747), ("ring", "sdpa_cudnn", 4, 262144, 8, 1.0026),
-    ("ulysses", "sdpa_cudnn", 4, 262144, 8, 0.9638), ("hybrid", "sdpa_cudnn", 4, 262144, 8, 0.9968),
-    ("ring", "sdpa_cudnn", 2, 131072, 32, 0.9787), ("ulysses", "sdpa_cudnn", 2, 131072, 32, 0.9437),
-    ("ring", "sdpa_cudnn", 2, 262144, 32, 1.0130), ("ulysses", "sdpa_cudnn", 2, 262144, 32, 0.9643),
-    ("ring", "sdpa_cudnn", 2, 524288, 32, 1.0282), ("ulysses", "sdpa_cudnn", 2, 524288, 32, 0.9916),
-)
-MEASURED = tuple(("ring", k, n, s, 32, e) for k, n, s, e in _RING_OLD) + _TODAY + _SESSION6
-HYBRID_MEASURED_U = 2  # the Ulysses degree of the measured hybrid rows
 RUNS = 2  # kernel calls per head slice in the all-gather mode: zigzag gives every rank 2 runs of S/(2N) queries
 # Kernels that express a causal mask only on aligned diagonals: the all-gather's causal calls (queries at an offset
-# into the keys) refuse them (measured: the cp_modes cuDNN rows), so the mode runs Triton's rates instead.
+# into the keys) run on them cut in two (a full block + a diagonal); other masks run at Triton's rates.
 ALIGNED_CAUSAL_ONLY = ("sdpa_cudnn", "sdpa_flash")
 
 
@@ -158,9 +103,21 @@ class Calib:
     inter_latency_s: float = 1e-4  # assumed: one collective/step across nodes
     grad_bytes: int = 4           # dK/dV accumulators travel in fp32
     slices: int = 4               # all-gather overlap slices
+    ulysses_chunks: Optional[int] = None  # Ulysses head chunks per rank (None: the code's, min(4, KV heads/rank)
+    #                               cut to a divisor); every MEASURED Ulysses row ran unchunked: MEASURED_CHUNKS
 
 
 DEFAULT = Calib()
+MEASURED_CHUNKS = 1  # the Ulysses mode of every MEASURED row moved all heads in one all-to-all per tensor
+
+
+def ulysses_chunks(kv_heads: int, u: int, cal: Calib) -> int:
+    """Head chunks per rank of the Ulysses mode, as ``seqpar.parallel.ulysses.head_chunks`` picks them."""
+    per_rank = max(1, kv_heads // u)
+    c = max(1, min(4 if cal.ulysses_chunks is None else cal.ulysses_chunks, per_rank))
+    while per_rank % c:
+        c -= 1
+    return c
 
 
 def kernel_tflops(kernel: str, length: float) -> float:
@@ -245,7 +202,14 @@ def mode_time(mode: str, s: AttnShape, c: Cluster, cal: Calib = DEFAULT, *, ulys
         if kv is None:
             return {"time": math.inf, "why": f"heads {s.heads}/{s.hk} do not split over {n} GPUs"}
         t_k = attention_flops(s) / (n * kernel_tflops(c.kernel, s.seq_len) * 1e12)
-        parts = {"kernel": t_k, "exposed_comm": _a2a(s, c, n, kv, cal)}
+        ch = ulysses_chunks(kv, n, cal)
+        # fwd (q, k, v in; out back) and bwd (dout in; dq, dk, dv back) move the same bytes; with ch chunks only the
+        # first chunk's inputs and the last one's results are exposed, the rest hides behind the other chunks'
+        # kernels (as far as they last), slowing them by gamma per second overlapped
+        a = (_a2a(s, c, n, kv, cal) + 8 * (ch - 1) * cal.coll_latency_s * s.layers) / 2
+        share = FWD_SHARE[c.kernel]
+        exposed = sum(a / ch + max(0.0, a - comp) * (ch - 1) / ch for comp in (share * t_k, (1 - share) * t_k))
+        parts = {"kernel": t_k, "exposed_comm": exposed, "contention": cal.gamma * (ch - 1) / ch * 2 * a}
     elif mode == "allgather":
         parts = _allgather(s, c, cal)
     elif mode == "hybrid":
@@ -344,7 +308,8 @@ def calibrate(points=MEASURED, base: Calib = DEFAULT) -> Calib:
     wins. ``alpha`` and the latencies are kept from ``base`` (numpy, host only)."""
     import numpy as np
 
-    best = None
+    best, chunks = None, base.ulysses_chunks
+    base = dataclasses.replace(base, ulysses_chunks=MEASURED_CHUNKS)  # as the measured rows ran
     for eff in np.arange(0.2, 1.0 + 1e-9, 0.005):
         zero = dataclasses.replace(base, coll_eff=float(eff), **{f: 0.0 for f in FITTED})
         rows, rhs = [], []
@@ -362,12 +327,13 @@ def calibrate(points=MEASURED, base: Calib = DEFAULT) -> Calib:
         if best is None or err < best[0]:
             best = (err, float(eff), sol)
     _, eff, sol = best
-    return dataclasses.replace(base, coll_eff=eff, **{f: float(x) for f, x in zip(FITTED, sol)})
+    return dataclasses.replace(base, coll_eff=eff, ulysses_chunks=chunks, **{f: float(x) for f, x in zip(FITTED, sol)})
 
 
 def fit_table(cal: Calib = DEFAULT, points=MEASURED) -> list:
-    """Per measured point: measured and predicted efficiency and the error (percentage points)."""
-    out = []
+    """Per measured point: measured and predicted efficiency (the code as it ran then: Ulysses unchunked) and the
+    error (percentage points)."""
+    out, cal = [], dataclasses.replace(cal, ulysses_chunks=MEASURED_CHUNKS)
     for mode, kernel, n, S, hk, eff in points:
         pred = efficiency(mode, kernel, n, S, hk, cal)
         out.append({"mode": mode, "kernel": kernel, "gpus": n, "tokens": S, "kv_heads": hk, "measured": eff,

@@ -8,6 +8,13 @@ need nothing special: the kernel sees the sequence as a single device would). Th
 and returned to the sequence split by the inverse all-to-all. Differentiable end to end: the all-to-alls
 are each other's adjoints and the rest is autograd.
 
+Overlap: a rank's ``H/N`` heads are cut into ``C`` chunks (``slices``, GQA groups whole); the all-to-all of
+chunk ``c+1`` is in flight while chunk ``c`` computes, and chunk ``c``'s result travels back while ``c+1``
+computes (forward and backward alike, :class:`~seqpar.parallel.ulysses_comm.HeadChunkComm`): only the first
+chunk's inputs and the last chunk's results are exposed. Heads are independent, so the result does not depend
+on ``C``. The backward keeps the whole-sequence q/k/v/out/lse of each chunk from the forward (as large as
+the local shards) and moves dout, dq, dk, dv by chunks the same way.
+
 GQA: K/V heads split over the group too. When ``N`` does not divide ``Hkv`` (e.g. 2 KV heads on 4 ranks),
 each KV head is replicated ``R = N / gcd(Hkv, N)`` times (LoongTrain / Transformer Engine), just enough for
 an even split; ``repeat_interleave``'s backward sums the replicas' gradients into the original head.
@@ -22,12 +29,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from seqpar.ops.attention import LocalMask, Mask
-from seqpar.parallel.collectives import group_size, head_to_seq, seq_to_head
-from seqpar.parallel.kernel_call import kernel_attention
+from seqpar.ops.attention import LocalMask, Mask, select
+from seqpar.ops.attention.registry import backward_delta
+from seqpar.parallel.collectives import group_size
 from seqpar.parallel.layout import local_positions
 from seqpar.parallel.ring_attention import ring_mask, validate_inputs
 from seqpar.parallel.ring_plan import check_mask
+from seqpar.parallel.ulysses_comm import HeadChunkComm
+
+DEFAULT_SLICES = 4  # head chunks per rank: hides all but a quarter of the all-to-alls (cut to the KV heads per rank)
 
 
 def kv_replication(n_heads: int, n_kv_heads: int, group: int) -> int:
@@ -78,21 +88,92 @@ def check_shapes(q: Tensor, k: Tensor, v: Tensor, group, layout: str, causal: bo
     return mask
 
 
-def _ulysses(q, k, v, group, causal, mask, scale, layout, backend, need_lse):
+def head_chunks(n_heads: int, n_kv_heads: int, group: int, slices: Optional[int] = None) -> int:
+    """Head chunks per rank: ``min(slices, KV heads per rank)``, lowered until it divides them (GQA groups
+    stay whole). ``slices=None``: :data:`DEFAULT_SLICES`; 1: no overlap. Raises ValueError for ``slices < 1``."""
+    if slices is None:
+        slices = DEFAULT_SLICES
+    if isinstance(slices, bool) or not isinstance(slices, int) or slices < 1:
+        raise ValueError(f"slices={slices!r} must be a positive integer (1: one all-to-all per tensor, no overlap).")
+    per_rank = n_kv_heads // group
+    c = max(1, min(slices, per_rank))
+    while per_rank % c:
+        c -= 1
+    return c
+
+
+class UlyssesAttentionFn(torch.autograd.Function):
+    """Chunked, overlapped Ulysses on local shards (``k``, ``v`` already replicated to whole KV heads per rank);
+    returns out ``[B, L, H, D]`` and lse ``[B, H, L]`` (lse not moved, and None, unless ``need_lse``)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, comm, record, lm, scale, order, to_global, need_lse):
+        n, chunks = comm.n, comm.chunks
+        lse_dtype = torch.promote_types(q.dtype, torch.float32)
+        out = q.new_empty((*q.shape[:2], n, chunks, q.shape[2] // (n * chunks), q.shape[3]))
+        lse = out.new_empty(out.shape[:-1], dtype=lse_dtype) if need_lse else None
+        saved, back = [], []
+        pending = comm.to_head([q, k, v], 0)
+        for c in range(chunks):
+            nxt = comm.to_head([q, k, v], c + 1) if c + 1 < chunks else None  # in flight while c computes
+            qh, kh, vh = (t[:, to_global] for t in pending.wait())  # global order, whole sequence
+            o, l = record.forward(qh, kh, vh, lm, softmax_scale=scale)
+            saved += [qh, kh, vh, o, l]
+            back.append((comm.to_seq([o[:, order]]),  # travels home while the next chunk computes
+                         comm.to_seq([l.to(lse_dtype).transpose(1, 2)[:, order, :, None]]) if need_lse else None))
+            pending = nxt
+        for c, (po, pl) in enumerate(back):
+            out[:, :, :, c] = po.wait()[0]
+            if pl is not None:
+                lse[:, :, :, c] = pl.wait()[0][..., 0]
+        ctx.save_for_backward(*saved)
+        ctx.args = (comm, record, lm, scale, order, to_global, q.shape, k.shape, v.shape, q.dtype)
+        ctx.set_materialize_grads(False)
+        return out.flatten(2, 4), None if lse is None else lse.flatten(2, 4).transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        comm, record, lm, scale, order, to_global, q_shape, k_shape, v_shape, dtype = ctx.args
+        saved, n, chunks = ctx.saved_tensors, comm.n, comm.chunks
+        device = saved[0].device
+        grads = [torch.empty((*shp[:2], n, chunks, shp[2] // (n * chunks), shp[3]), dtype=dtype, device=device)
+                 for shp in (q_shape, k_shape, v_shape)]
+        dout = torch.zeros(q_shape, dtype=dtype, device=device) if dout is None else dout
+        dl_seq = None if dlse is None else dlse.transpose(1, 2)[..., None].contiguous()  # [B, L, H, 1]
+        start = lambda c: (comm.to_head([dout], c), None if dl_seq is None else comm.to_head([dl_seq], c))
+        pending, back = start(0), []
+        for c in range(chunks):
+            nxt = start(c + 1) if c + 1 < chunks else None  # in flight while c computes
+            qh, kh, vh, o, l = saved[5 * c:5 * c + 5]
+            g = pending[0].wait()[0][:, to_global]
+            dl = None if pending[1] is None else pending[1].wait()[0][:, to_global, :, 0].transpose(1, 2)
+            delta = backward_delta([record], g, o, dl)  # [B, h, S], or None (the kernel recomputes it)
+            extra = {} if delta is None else {"delta": delta}
+            dq, dk, dv = record.backward(g, qh, kh, vh, o, l, lm, softmax_scale=scale, **extra)
+            back.append(comm.to_seq([t.to(dtype)[:, order] for t in (dq, dk, dv)]))
+            pending = nxt
+        for c, p in enumerate(back):
+            for grad, got in zip(grads, p.wait()):
+                grad[:, :, :, c] = got
+        return (*(g.flatten(2, 4) for g in grads), None, None, None, None, None, None, None)
+
+
+def _ulysses(q, k, v, group, causal, mask, scale, layout, backend, need_lse, slices):
     n = group_size(group)
-    b, L, h, _ = q.shape
+    b, L, h, d = q.shape
     s = n * L
     reps = kv_replication(h, k.shape[2], n)
+    k, v = replicate_kv(k, reps), replicate_kv(v, reps)
+    comm = HeadChunkComm(group, head_chunks(h, k.shape[2], n, slices))
     order = concat_positions(s, range(n), n, layout, None if mask is None else mask.doc_ids, q.device)
     to_global = torch.argsort(order)  # x_global = x_cat[:, to_global]; x_cat = x_global[:, order]
-    qh, kh, vh = (seq_to_head(t, group)[:, to_global] for t in (q, replicate_kv(k, reps), replicate_kv(v, reps)))
     lm = LocalMask(causal=causal) if mask is None else mask.local(0, s, 0, s, device=q.device)
-    out, lse = kernel_attention(qh, kh, vh, lm, softmax_scale=scale, backend=backend)  # whole sequence
-    out = head_to_seq(out[:, order], group)  # [B, L, H, D]
-    if not need_lse:
-        return out, None
-    lse = head_to_seq(lse.transpose(1, 2)[:, order, :, None], group)  # [B, L, H, 1]
-    return out, lse[..., 0].transpose(1, 2)
+    hc, kc = h // (n * comm.chunks), k.shape[2] // (n * comm.chunks)
+    # A zero-stride view stands in for one chunk's whole-sequence q/k: the choice reads shapes, dtype and device.
+    record = select(backend, q[:, :1, :hc].expand(b, s, hc, d), k[:, :1, :kc].expand(b, s, kc, d), lm)
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    return UlyssesAttentionFn.apply(q.contiguous(), k.contiguous(), v.contiguous(), comm, record, lm, scale, order,
+                                    to_global, need_lse)
 
 
 def ulysses_attention_with_lse(
@@ -107,6 +188,7 @@ def ulysses_attention_with_lse(
     layout: str = "zigzag",
     backend: str = "auto",
     validate: bool = True,
+    slices: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact attention over the sequence sharded across ``group`` by ``layout``, by head-parallel all-to-all.
 
@@ -114,22 +196,24 @@ def ulysses_attention_with_lse(
     q ``[B, L, H, D]``, k/v ``[B, L, Hkv, D]`` (``H % N == 0``; KV heads replicated when ``N`` does not
     divide ``Hkv``); ``causal`` on global positions or ``mask=Mask(...)`` with GLOBAL ``doc_ids``;
     ``softmax_scale`` default ``1/sqrt(D)``; ``backend`` the local kernel (whole sequence, ``H/N`` heads);
-    ``validate`` gathers every rank's shapes first so bad input raises everywhere instead of hanging.
+    ``validate`` gathers every rank's shapes first so bad input raises everywhere instead of hanging;
+    ``slices``: head chunks per rank pipelined against the all-to-alls (default ``min(4, KV heads per rank)``, cut
+    to a divisor of them; 1: no overlap); every rank must pass the same value, the result does not depend on it.
     Returns out ``[B, L, H, D]`` (q's dtype) and lse ``[B, H, L]`` (fp32; natural log). Differentiable.
     Raises ValueError for heads not divisible by the group, shapes that differ across ranks, a length
     the layout cannot split, a mask that does not fit the global sequence.
     """
     mask = check_shapes(q, k, v, group, layout, causal, mask) if validate else ring_mask(causal, mask)
-    return _ulysses(q, k, v, group, causal, mask, softmax_scale, layout, backend, need_lse=True)
+    return _ulysses(q, k, v, group, causal, mask, softmax_scale, layout, backend, True, slices)
 
 
 def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool = False,
                       mask: Optional[Mask] = None, softmax_scale: Optional[float] = None, layout: str = "zigzag",
-                      backend: str = "auto", validate: bool = True) -> Tensor:
+                      backend: str = "auto", validate: bool = True, slices: Optional[int] = None) -> Tensor:
     """Like :func:`ulysses_attention_with_lse` but returns only out ``[B, L, H, D]`` (no lse all-to-all)."""
     mask = check_shapes(q, k, v, group, layout, causal, mask) if validate else ring_mask(causal, mask)
-    return _ulysses(q, k, v, group, causal, mask, softmax_scale, layout, backend, need_lse=False)[0]
+    return _ulysses(q, k, v, group, causal, mask, softmax_scale, layout, backend, False, slices)[0]
 
 
-__all__ = ["concat_positions", "kv_replication", "replicate_kv", "ulysses_attention",
+__all__ = ["concat_positions", "head_chunks", "kv_replication", "replicate_kv", "ulysses_attention",
            "ulysses_attention_with_lse"]

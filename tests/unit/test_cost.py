@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from seqpar.parallel import cost
+from seqpar.parallel import cost, cost_data
 
 ZERO = dataclasses.replace(cost.DEFAULT, alpha_s=0.0, beta_bytes=0.0, gamma=0.0, coll_latency_s=0.0,
                            inter_latency_s=0.0, coll_eff=1.0, ag_call_s=0.0)
@@ -182,8 +182,8 @@ SESSION6_MEAN_PP, SESSION6_WORST_PP = 1.75, 3.1
 
 def test_calibration_reproduces_measured_efficiencies():
     fit = cost.fit_table()
-    assert len(fit) == len(cost.MEASURED) == 16 + len(cost._TODAY) + len(cost._SESSION6) == 63
-    assert len(cost._TODAY) == 29 and len(cost._SESSION6) == 18
+    assert len(fit) == len(cost.MEASURED) == 16 + len(cost_data.ROWS_2026_11_28) + len(cost_data.ROWS_SESSION6) == 63
+    assert len(cost_data.ROWS_2026_11_28) == 29 and len(cost_data.ROWS_SESSION6) == 18
     assert {r["mode"] for r in fit} == set(cost.MODES)
     mean, worst = cost.fit_error()
     assert mean < FIT_MEAN_PP
@@ -195,7 +195,7 @@ def test_calibration_reproduces_measured_efficiencies():
     assert abs(old[("sdpa_cudnn", 2, 32768)]["error_pp"]) <= 1.0  # 86% measured
     assert abs(old[("sdpa_cudnn", 2, 131072)]["error_pp"]) <= 2.0  # 98%
     assert abs(old[("sdpa_cudnn", 4, 131072)]["error_pp"]) <= 1.0  # 93%
-    mean6, worst6 = cost.fit_error(points=cost._SESSION6)  # 128k..512k cuDNN rows (held out: 1.81 / 3.2 pp)
+    mean6, worst6 = cost.fit_error(points=cost_data.ROWS_SESSION6)  # 128k..512k cuDNN rows (held out: 1.81 / 3.2 pp)
     assert mean6 < SESSION6_MEAN_PP and worst6 <= SESSION6_WORST_PP
 
 
@@ -243,3 +243,22 @@ def test_dry_run_prints_predictions(capsys):
     _print_attention(cfg, attn)
     out = capsys.readouterr().out
     assert "PREDICTED" in out and "best predicted: " + attn["best"] in out
+
+
+def test_ulysses_chunks_follow_the_code_and_hide_all_to_alls():
+    from seqpar.parallel.ulysses import head_chunks
+
+    for kv in (1, 2, 3, 4, 6, 8, 12, 16, 32):
+        for u in (1, 2, 4, 8):
+            if kv % u == 0:
+                assert cost.ulysses_chunks(kv, u, cost.DEFAULT) == head_chunks(32 * kv, kv, u), (kv, u)
+    s, c = cost.AttnShape(seq_len=2**18, kv_heads=8), cost.Cluster(gpus=2)
+    one = cost.mode_time("ulysses", s, c, dataclasses.replace(cost.DEFAULT, ulysses_chunks=1))
+    four = cost.mode_time("ulysses", s, c)  # 8 KV heads on 2 GPUs: 4 chunks
+    a2a = cost._a2a(s, c, 2, 8, cost.DEFAULT)
+    assert one["parts"] == {"kernel": one["parts"]["kernel"], "exposed_comm": pytest.approx(a2a), "contention": 0.0}
+    # 4 chunks: a quarter of each pass exposed (the kernels outlast the rest), the rest slows them by gamma
+    lat = 8 * 3 * cost.DEFAULT.coll_latency_s / 2
+    assert four["parts"]["exposed_comm"] == pytest.approx(2 * (a2a / 2 + lat) / 4)
+    assert four["parts"]["contention"] == pytest.approx(cost.DEFAULT.gamma * 3 / 4 * (a2a + 2 * lat))
+    assert four["parts"]["kernel"] < four["time"] < one["time"]

@@ -1,7 +1,7 @@
 """Cost-model calibration after the session6 long-sequence rows: held-out check, refit, per-row table.
 
 No GPU runs here: every efficiency below is either a measurement copied from this session's tables (in
-``seqpar.parallel.cost._SESSION6``) or a model prediction.
+``seqpar.parallel.cost_data.ROWS_SESSION6``) or a model prediction.
 
     .venv/bin/python benchmarks/results/session6_2026-11-28/cost_model/make_calibration_report.py
 
@@ -19,12 +19,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.abspath(os.path.join(HERE, "..", "..", "..", "..")))
 from benchmarks.cost_predictions import prediction_rows, tok  # noqa: E402
 from benchmarks.report import markdown_table  # noqa: E402
-from seqpar.parallel import cost  # noqa: E402
+from seqpar.parallel import cost, cost_data  # noqa: E402
 
 # The constants before this refit (fitted on _RING_OLD + _TODAY, 45 rows): the held-out check uses them.
-PREVIOUS = dataclasses.replace(cost.DEFAULT, beta_bytes=50.98, gamma=0.733, coll_eff=0.47, ag_call_s=4.31e-4)
-N_OLD = 16 + len(cost._TODAY)
-OLD, NEW = cost.MEASURED[:N_OLD], cost._SESSION6
+# Every measured row ran the Ulysses mode unchunked (cost.MEASURED_CHUNKS): fits and checks evaluate it so.
+AS_RUN = dataclasses.replace(cost.DEFAULT, ulysses_chunks=cost.MEASURED_CHUNKS)
+PREVIOUS = dataclasses.replace(AS_RUN, beta_bytes=50.98, gamma=0.733, coll_eff=0.47, ag_call_s=4.31e-4)
+N_OLD = 16 + len(cost_data.ROWS_2026_11_28)
+OLD, NEW = cost.MEASURED[:N_OLD], cost_data.ROWS_SESSION6
 assert cost.MEASURED[N_OLD:] == NEW
 # torch context parallel (cuDNN + all-gather) rows of the same runs: reported, not fitted (no model of torch CP).
 TORCH_CP = ((2, 131072, 0.935), (2, 262144, 0.995), (2, 524288, 1.019), (4, 131072, 0.896), (4, 262144, 0.962))
@@ -52,7 +54,7 @@ def candidate_fit(points, extra):
     fitted = cost.FITTED
     best = None
     for eff in np.arange(0.2, 1.0 + 1e-9, 0.005):
-        zero = dataclasses.replace(cost.DEFAULT, coll_eff=float(eff), **{f: 0.0 for f in fitted})
+        zero = dataclasses.replace(AS_RUN, coll_eff=float(eff), **{f: 0.0 for f in fitted})
         rows, rhs, ideal, base = [], [], [], []
         for mode, kernel, n, S, hk, e in points:
             s, c = cost.AttnShape(seq_len=S, kv_heads=hk), cost.Cluster(gpus=n, kernel=kernel)
@@ -72,7 +74,7 @@ def candidate_fit(points, extra):
             pred = np.array(ideal) / (np.array(base) * (1 + a @ sol))
             best = (err, float(eff), sol, pred)
     _, eff, sol, pred = best
-    cal = dataclasses.replace(cost.DEFAULT, coll_eff=eff, **{f: float(x) for f, x in zip(fitted, sol)})
+    cal = dataclasses.replace(AS_RUN, coll_eff=eff, **{f: float(x) for f, x in zip(fitted, sol)})
     errs = [{"mode": p[0], "kernel": p[1], "gpus": p[2], "tokens": p[3], "kv_heads": p[4], "measured": p[5],
              "predicted": float(q), "error_pp": 100 * (float(q) - p[5])} for p, q in zip(points, pred)]
     return cal, float(sol[-1]), errs
@@ -218,7 +220,7 @@ def markdown(d: dict, held: list, rows: list) -> str:
 one node). The 8..1024-GPU tables in `cost_predictions.md` next to this file are **predictions**, not measurements:
 nothing ran on more than 4 GPUs or across nodes.
 
-New rows (`cost._SESSION6`, 18): cuDNN, zigzag, causal fwd+bwd, B=1 H=32 D=128 bf16; efficiency = per-GPU TFLOP/s /
+New rows (`cost_data.ROWS_SESSION6`, 18): cuDNN, zigzag, causal fwd+bwd, B=1 H=32 D=128 bf16; efficiency = per-GPU TFLOP/s /
 the same kernel on one GPU over the whole sequence, from the same run's single-GPU row. 4 GPUs, 128k and 256k, 32
 and 8 KV heads, ring / Ulysses / hybrid (Ulysses 2 x ring 2): `../modes_x4/cp_modes_NVIDIA-H200_x4_2026-11-28.json`.
 2 GPUs, 32 KV heads, ring / Ulysses: 128k and 256k from `../modes_x2/cp_modes_x2_128k_256k_printed.md` (single ms /
