@@ -12,8 +12,9 @@ import functools
 import pytest
 import torch
 
+from cp_cases import reference, run_case
 from dist_utils import run_distributed
-from reference import mask_matrix, naive_attention
+from reference import naive_attention
 
 L = 12  # local tokens: even (zigzag), a multiple of 4 (the docs layout cuts 4 chunks per rank)
 # float64 against float64: only summation order differs.
@@ -22,17 +23,6 @@ MASKS = {"causal": None, "docs": "docs", "window": dict(window=5, sinks=1)}
 LAYOUTS = {"causal": ("zigzag", "striped"), "docs": ("zigzag", "docs"), "window": ("zigzag", "contiguous")}
 HEADS = ((8, 2), (8, 8))
 SLICES = (1, 2, 3, 4)  # 3 on 8 KV heads: uneven slices (3, 3, 2); 4 on 2 KV heads is cut to 2
-
-
-def _docs(s):
-    cuts = [0, 3, 4, s // 3, s // 2 + 1, s - 5, s]  # a one-token document and a few long ones
-    row0 = torch.cat([torch.full((b - a,), i) for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))])
-    return torch.stack([row0, (torch.arange(s) >= s // 2).long()])
-
-
-def _mask_kw(name, s):
-    m = MASKS[name]
-    return None if m is None else dict(doc_ids=_docs(s)) if m == "docs" else dict(m)
 
 
 def _cases():
@@ -47,29 +37,10 @@ def _split_cases():
                  split=True) for lay in ("zigzag", "contiguous", "striped") for h, hkv in HEADS for sl in (1, 2)]
 
 
-def _inputs(case, s):
-    g = torch.Generator().manual_seed(sum(map(ord, case["name"].rsplit("-s", 1)[0])) + s)  # same for every slices
-    mk = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
-    h, hkv = case["h"], case["hkv"]
-    return mk(2, s, h, 8), mk(2, s, hkv, 8), mk(2, s, hkv, 8), mk(2, s, h, 8), mk(2, h, s)
-
-
 def _run_case(case, n):
-    from seqpar.ops import Mask
-    from seqpar.parallel import allgather_attention_with_lse, shard_sequence, unshard_sequence
+    from seqpar.parallel import allgather_attention_with_lse
 
-    s = n * L
-    kw = _mask_kw(case["mask"], s)
-    ids, layout = _docs(s), case["layout"]
-    q, k, v, dout, dlse = _inputs(case, s)
-    shard = lambda x, dim=1: shard_sequence(x, dim, layout=layout, doc_ids=ids)
-    ql, kl, vl = (shard(t).requires_grad_() for t in (q, k, v))
-    extra = dict(causal=True) if kw is None else dict(mask=Mask(**kw))
-    out, lse = allgather_attention_with_lse(ql, kl, vl, layout=layout, backend="torch", slices=case["slices"],
-                                            split_causal=case.get("split"), **extra)
-    ((out * shard(dout)).sum() + (lse.nan_to_num(neginf=0.0) * shard(dlse, 2)).sum()).backward()
-    un = lambda x, dim=1: unshard_sequence(x.detach(), dim, layout=layout, doc_ids=ids)
-    return dict(out=un(out), lse=un(lse, 2), dq=un(ql.grad), dk=un(kl.grad), dv=un(vl.grad))
+    return run_case(allgather_attention_with_lse, case, MASKS[case["mask"]], n * L, split_causal=case.get("split"))
 
 
 class _Logged:
@@ -152,14 +123,7 @@ def _results(n):
 @functools.lru_cache(maxsize=None)
 def _reference(case, n):
     case = dict(case)
-    s = n * L
-    q, k, v, dout, dlse = _inputs(case, s)
-    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
-    kw = _mask_kw(case["mask"], s)
-    vis = mask_matrix(2, s, **({"causal": True} if kw is None else kw))
-    out, lse = naive_attention(q, k, v, visible=vis)
-    ((out * dout).sum() + (lse.nan_to_num(neginf=0.0) * dlse).sum()).backward()
-    return dict(out=out.detach(), lse=lse.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
+    return reference(case, MASKS[case["mask"]], n * L)
 
 
 @pytest.mark.timeout(300)

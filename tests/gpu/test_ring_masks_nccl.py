@@ -1,4 +1,4 @@
-"""Masked ring attention over a real NCCL group of 2 GPUs in bf16, judged against SDPA's own bf16 error.
+"""Masked ring attention (and the all-gather and Ulysses modes) over a real NCCL pair in bf16, against SDPA's error.
 
 tests/distributed/test_ring_rows_gloo.py checks the same mask kinds in float64 over gloo; this runs what only
 a GPU group exercises: the ring's trimmed, multi-span hops (a window's last rows, the sinks' first rows, dK/dV
@@ -58,6 +58,11 @@ def _cases():
     for mask, layout in (("causal", "zigzag"), ("window2000", "striped"), ("docs-window200-sinks4", "docs"),
                          ("two-sided100", "contiguous")):
         add(mask, layout, 1, 3072, 2, 64)
+    for mode, mask, layout, hkv in (("allgather", "causal", "zigzag", 2), ("allgather", "causal", "contiguous", 8),
+                                    ("allgather", "docs", "docs", 2), ("ulysses", "causal", "zigzag", 8),
+                                    ("ulysses", "window300-sinks16", "striped", 8)):
+        add(mask, layout, 2, 3072, hkv, 128)
+        out[-1].update(mode=mode, name=f"{mode}-{out[-1]['name']}")
     return out
 
 
@@ -102,11 +107,27 @@ def _run_case(case, rank, n, dtype, dev):
 
     shard = lambda x, dim=1: shard_sequence(x, dim, layout=layout, doc_ids=ids)
     ql, kl, vl = (shard(t).requires_grad_() for t in (q, k, v))
-    plan = build_plan(ql, kl, mask=mask, causal=mask is None, layout=layout, rank=rank, world_size=n, backend="auto")
-    backends = sorted({r.name for rs in plan.records for r in rs})
-    with_lse = all(r.takes_delta for rs in plan.records for r in rs)  # cuDNN recomputes delta: no lse gradient
-    out, lse = ring_attention_with_lse(ql, kl, vl, mask=mask, causal=mask is None, layout=layout, backend="auto",
-                                       plan=plan)
+    mode = case.get("mode", "ring")
+    if mode == "ring":
+        plan = build_plan(ql, kl, mask=mask, causal=mask is None, layout=layout, rank=rank, world_size=n,
+                          backend="auto")
+        records = [r for rs in plan.records for r in rs]
+        out, lse = ring_attention_with_lse(ql, kl, vl, mask=mask, causal=mask is None, layout=layout, backend="auto",
+                                           plan=plan)
+    else:  # the other cp modes on the kernels auto picks: the all-gather's causal runs cut for cuDNN, Ulysses chunks
+        from seqpar.parallel import allgather_attention_with_lse, ulysses_attention_with_lse
+        from seqpar.parallel.allgather import build_plan as allgather_plan
+
+        full_mask = mask if mask is not None else Mask(causal=True)
+        records = allgather_plan(ql, kl, full_mask, None, layout, "auto", None).records if mode == "allgather" else []
+        fn = allgather_attention_with_lse if mode == "allgather" else ulysses_attention_with_lse
+        out, lse = fn(ql, kl, vl, mask=mask, causal=mask is None, layout=layout, backend="auto")
+        if mode == "ulysses":  # one whole-sequence call per chunk: the same record as this selection
+            from seqpar.ops.attention import select
+
+            records = [select("auto", q[:, :, :1], k[:, :, :1], full_mask.local(0, s, 0, s, device=dev))]
+    backends = sorted({r.name for r in records})
+    with_lse = all(r.takes_delta for r in records)  # cuDNN recomputes delta: no lse gradient
     loss = (out.float() * shard(dout).float()).sum()
     if with_lse:
         loss = loss + (lse.nan_to_num(neginf=0.0) * shard(dlse, 2)).sum()
