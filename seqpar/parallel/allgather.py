@@ -39,6 +39,7 @@ from torch import Tensor
 
 from seqpar.ops.attention import LocalMask, Mask, select
 from seqpar.ops.attention.registry import AUTO_ORDER, backward_delta
+from seqpar.ops.merge import merge_attention
 from seqpar.parallel.allgather_comm import KVSliceComm
 from seqpar.parallel.collectives import group_rank, group_size
 from seqpar.parallel.layout import rank_pieces
@@ -127,14 +128,14 @@ def _plan_run(q, k, mask: Mask, start: int, length: int, stride: int, lo: int, h
     plain = mask.causal and mask.window is None and mask.sinks == 0 and mask.doc_ids is None \
         and mask.block_sparse is None
     cuttable = split is not False and plain and stride == 1 and lo < start and hi == start + length
+    part = lambda a, b, lm: _Part(a, b, lm, select(backend, qr, keys(a, b), lm))
     try:
-        whole, refused = [_Part(lo, hi, local(lo, hi), select(backend, qr, keys(lo, hi), local(lo, hi)))], None
+        whole, refused = [part(lo, hi, local(lo, hi))], None
     except ValueError as e:
         whole, refused = None, e
     if cuttable:
         try:
-            parts = [_Part(a, b, local(a, b), select(backend, qr, keys(a, b), local(a, b)))
-                     for a, b in ((lo, start), (start, hi))]
+            parts = [part(a, b, local(a, b)) for a, b in ((lo, start), (start, hi))]
         except ValueError:
             parts = None
         if parts is not None and (split or whole is None or (backend == "auto" and max(
@@ -166,9 +167,7 @@ def _merge(outs: list, lses: list) -> tuple:
     """Exact merge of partial attentions over disjoint key sets: ``[B, n, h, D]`` outs, ``[B, h, n]`` fp32 lses."""
     if len(outs) == 1:
         return outs[0], lses[0]
-    lse = functools.reduce(torch.logaddexp, lses)
-    safe = torch.where(torch.isneginf(lse), 0.0, lse)  # a row that sees nothing keeps out 0, lse -inf
-    out = sum(o.to(lse.dtype) * torch.exp(lp - safe).transpose(1, 2)[..., None] for o, lp in zip(outs, lses))
+    out, lse = functools.reduce(lambda a, b: merge_attention(*a, *b), zip(outs, lses))
     return out.to(outs[0].dtype), lse
 
 
@@ -215,10 +214,11 @@ def _backward(dout, dlse, q, k, v, out, lse, comm: KVSliceComm, plan: AllGatherP
             rows = slice(r.l0, r.l0 + r.length)
             g_r, q_r, o_r = (t[:, rows].contiguous() for t in (gi, qi, oi))
             l_r = li[:, :, rows].contiguous()
+            d_r = None if delta is None else delta[:, :, rows].contiguous()
             dq_sum = None
             for p in r.parts:  # each part's backward with the run's merged out and lse
                 keys = slice(p.lo, p.hi)
-                extra = {} if delta is None else {"delta": delta[:, :, rows].contiguous()}
+                extra = {} if d_r is None else {"delta": d_r}
                 if p.record.ring_accumulators and acc == torch.float32:  # the kernel adds into fp32 views in place
                     extra.update(dk_acc=dkv[0][:, keys], dv_acc=dkv[1][:, keys])
                 dq_r, dk_r, dv_r = p.record.backward(g_r, q_r, kv[0][:, keys].contiguous(), kv[1][:, keys].contiguous(),
