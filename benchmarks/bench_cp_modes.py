@@ -4,6 +4,7 @@
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
         torchrun --nproc_per_node=4 benchmarks/bench_cp_modes.py --out benchmarks/results \\
         [--seqs 32768,131072] [--world-sizes 2,4] [--kv-heads 32,8] [--kernels sdpa_cudnn,triton]
+        [--ulysses-chunks 1,4] [--allgather-slices 1,4]   # same-run A/B of each mode's overlap setting
 
 Causal fwd+bwd, bf16, B=1, H=32, D=128, zigzag shards, K/V heads ``--kv-heads`` (GQA un-expanded). Every rank
 times ``iters`` steps with CUDA events (bench_ring's ``time_fwd_bwd``); the slowest rank's median counts.
@@ -11,13 +12,15 @@ Per-GPU TFLOP/s = 4*S^2*H*D * 0.5 * 3.5 / GPUs / time. Efficiency: per-GPU TFLOP
 GPU over the whole sequence (``single`` rows, same run, same K/V heads). ``predicted``: the efficiency
 ``seqpar.parallel.cost`` predicts for the mode (a PREDICTION from the calibrated model; the hybrid's Ulysses
 degree is the one measured). A world size w < N uses ranks 0..w-1; the hybrid splits w into U=2 (Ulysses
-over consecutive ranks) x w/2 (ring). The all-gather mode's calls are not aligned diagonals, so only
-kernels that take offsets run it (cuDNN/flash rows say why not). torch CP: its head-tail balancer with the
+over consecutive ranks) x w/2 (ring). The all-gather mode cuts each causal run of queries into a fully visible
+block and an aligned diagonal, so cuDNN and flash run it too (merged by lse). ``overlap``: the Ulysses rows'
+head chunks and the all-gather rows' K/V slices (one row per value listed; the prediction uses the same). torch CP: its head-tail balancer with the
 all-gather rotation, cuDNN, K/V heads = heads only. Writes ``cp_modes_<device>_x<N>_<date>.json/.md/.png``.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -64,7 +67,7 @@ def single_gpu(kernel: str, seq: int, kv: int, device) -> float:
     return time_fwd_bwd(lambda: attention(q, k, v, causal=True, backend=kernel), (q, k, v), dout, *iters_for(seq))
 
 
-def run_mode(mode: str, kernel: str, w: int, seq: int, kv: int, device, groups: dict) -> float:
+def run_mode(mode: str, kernel: str, w: int, seq: int, kv: int, device, groups: dict, overlap=None) -> float:
     local = seq // w
     gen = torch.Generator(device=device).manual_seed(seq + kv + w)
     mk = lambda h: torch.randn(1, local, h, DIM, device=device, generator=gen, dtype=torch.bfloat16).requires_grad_()
@@ -74,9 +77,11 @@ def run_mode(mode: str, kernel: str, w: int, seq: int, kv: int, device, groups: 
     if mode == "ring":
         fn = lambda validate: ring_attention(q, k, v, group=groups["cp", w], validate=validate, **common)
     elif mode == "ulysses":
-        fn = lambda validate: ulysses_attention(q, k, v, group=groups["cp", w], validate=validate, **common)
+        fn = lambda validate: ulysses_attention(q, k, v, group=groups["cp", w], validate=validate, slices=overlap,
+                                                **common)
     elif mode == "allgather":
-        fn = lambda validate: allgather_attention(q, k, v, group=groups["cp", w], validate=validate, **common)
+        fn = lambda validate: allgather_attention(q, k, v, group=groups["cp", w], validate=validate, slices=overlap,
+                                                  **common)
     else:  # hybrid: U=2 consecutive ranks (Ulysses) x w/2 (ring)
         ug, rg = groups["ulysses", w], groups["ring", w]
         fn = lambda validate: hybrid_attention(q, k, v, ulysses_group=ug, ring_group=rg, validate=validate, **common)
@@ -84,13 +89,17 @@ def run_mode(mode: str, kernel: str, w: int, seq: int, kv: int, device, groups: 
     return time_fwd_bwd(lambda: fn(False), (q, k, v), dout, *iters_for(seq))
 
 
-def predicted(mode: str, kernel: str, w: int, seq: int, kv: int) -> float | None:
-    """The cost model's efficiency for this row (None where it has no kernel rate or mode)."""
+def predicted(mode: str, kernel: str, w: int, seq: int, kv: int, overlap=None) -> float | None:
+    """The cost model's efficiency for this row (None where it has no kernel rate or mode); ``overlap``: the
+    Ulysses head chunks or all-gather slices the row ran with (None: the code's defaults)."""
     if mode in ("single", "torch_cp") or kernel not in cost.KERNEL_TFLOPS:
         return None
     s = cost.AttnShape(seq_len=seq, heads=HEADS, kv_heads=kv, head_dim=DIM)
     c = cost.Cluster(gpus=w, gpus_per_node=8, kernel=kernel)
-    t = cost.mode_time(mode, s, c, ulysses=2 if mode == "hybrid" else None)["time"]
+    cal = cost.DEFAULT
+    if overlap is not None and mode in ("ulysses", "allgather"):
+        cal = dataclasses.replace(cal, **{"ulysses_chunks" if mode == "ulysses" else "slices": overlap})
+    t = cost.mode_time(mode, s, c, cal, ulysses=2 if mode == "hybrid" else None)["time"]
     return cost.ideal_time(s, c) / t if math.isfinite(t) else 0.0
 
 
@@ -123,11 +132,14 @@ def write(out_dir: str, meta: dict, rows: list) -> str:
     pct = lambda key: (lambda r: None if r.get(key) is None else f"{100 * r[key]:.0f}%")
     cols = [("mode", "mode", ""), ("kernel", "kernel", ""), ("GPUs", "world_size", "d"),
             ("total tokens", lambda r: f"{r['seq'] // 1024}k", ""), ("KV heads", "kv_heads", "d"),
+            ("overlap", lambda r: "-" if r.get("overlap") is None else str(r["overlap"]), ""),
             ("ms", "ms", ".1f"), ("TFLOP/s per GPU", "tflops_per_gpu", ".0f"), ("efficiency", pct("efficiency"), ""),
             ("predicted", pct("predicted"), ""), ("peak GiB", "peak_gib", ".1f"), ("error", "error", "")]
     png = report.line_plot(os.path.join(out_dir, name + ".png"),
                            report.group_series([r for r in rows if r["mode"] != "single"],
-                                               lambda r: f"{r['mode']} {r['kernel']} ws={r['world_size']} kv={r['kv_heads']}",
+                                               lambda r: f"{r['mode']} {r['kernel']} ws={r['world_size']} "
+                                                         f"kv={r['kv_heads']}" + ("" if r.get("overlap") is None
+                                                                                  else f" x{r['overlap']}"),
                                                "seq", "efficiency"),
                            xlabel="total tokens", ylabel="per-GPU TFLOP/s / one GPU", title="context-parallel modes",
                            logx=True, hline=0.95)
@@ -148,6 +160,8 @@ def main() -> int:
     ap.add_argument("--kv-heads", default="32,8")
     ap.add_argument("--kernels", default="sdpa_cudnn,triton")
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--ulysses-chunks", default="1", help="Ulysses head chunks per rank, one row each (e.g. 1,4)")
+    ap.add_argument("--allgather-slices", default="4", help="all-gather K/V head slices, one row each (e.g. 1,4)")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -164,14 +178,16 @@ def main() -> int:
     meta = report.environment(local_rank)
     meta["gpus"] = ws
     modes, kernels = args.modes.split(","), args.kernels.split(",")
+    overlaps = {"ulysses": [int(x) for x in args.ulysses_chunks.split(",")],
+                "allgather": [int(x) for x in args.allgather_slices.split(",")]}
     rows = []
     for seq in (int(s) for s in args.seqs.split(",")):
         for kv in (int(x) for x in args.kv_heads.split(",")):
-            todo = [("single", k, 1) for k in kernels if "single" in modes]
-            todo += [(m, k, w) for w in sizes for m in ("ring", "ulysses", "allgather", "hybrid") if m in modes
-                     for k in kernels if m != "hybrid" or (w >= 4 and w % 2 == 0)]
-            todo += [("torch_cp", "cudnn+allgather", w) for w in sizes if "torch_cp" in modes and kv == HEADS]
-            for mode, kernel, w in todo:
+            todo = [("single", k, 1, None) for k in kernels if "single" in modes]
+            todo += [(m, k, w, o) for w in sizes for m in ("ring", "ulysses", "allgather", "hybrid") if m in modes
+                     for k in kernels if m != "hybrid" or (w >= 4 and w % 2 == 0) for o in overlaps.get(m, [None])]
+            todo += [("torch_cp", "cudnn+allgather", w, None) for w in sizes if "torch_cp" in modes and kv == HEADS]
+            for mode, kernel, w, overlap in todo:
                 dist.barrier()
                 torch.cuda.reset_peak_memory_stats()
                 ms, err, peak = 0.0, None, 0.0
@@ -183,7 +199,7 @@ def main() -> int:
                             ms = bench_one("torch_cp", kernel, w, seq, device, groups["cp", w], *iters_for(seq),
                                            "head-tail", meshes[w])[0]
                         else:
-                            ms = run_mode(mode, kernel, w, seq, kv, device, groups)
+                            ms = run_mode(mode, kernel, w, seq, kv, device, groups, overlap)
                         peak = torch.cuda.max_memory_allocated() / 2**30
                     except Exception as e:  # noqa: BLE001 -- one failing row (or an OOM) must not hide the others
                         ms, err = math.inf, _status(e)
@@ -192,10 +208,10 @@ def main() -> int:
                 ms, peak = t.tolist()
                 if not math.isfinite(ms):
                     err = err or "failed on another rank"
-                row = dict(mode=mode, kernel=kernel, world_size=w, seq=seq, kv_heads=kv,
+                row = dict(mode=mode, kernel=kernel, world_size=w, seq=seq, kv_heads=kv, overlap=overlap,
                            ms=ms if math.isfinite(ms) else None, error=err, peak_gib=peak,
                            tflops_per_gpu=flops(seq) / w / (ms * 1e-3) / 1e12 if math.isfinite(ms) and ms > 0 else None,
-                           predicted=predicted(mode, kernel, w, seq, kv))
+                           predicted=predicted(mode, kernel, w, seq, kv, overlap))
                 rows.append(row)
                 if rank == 0:
                     print(row, flush=True)

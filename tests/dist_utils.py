@@ -35,12 +35,17 @@ def _child(fn, rank: int, world_size: int, port: int, outdir: str, args: tuple, 
                       GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)  # N processes on few cores: oversubscription makes gloo waits look like hangs
     try:
+        # The store is made here, not by init_process_group, so rank 0 can keep its server up after its own group
+        # is gone: a peer's teardown still talks to it (had rank 0 exited first, the peer could abort in C++,
+        # "terminate called without an active exception", after a run that was otherwise correct).
+        timeout = timedelta(seconds=pg_timeout_s)
+        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=rank == 0, timeout=timeout)
         if backend == "nccl":  # rank r drives GPU r; device_id binds the group to it (eager NCCL init)
             torch.cuda.set_device(rank)
-            dist.init_process_group("nccl", rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout_s),
+            dist.init_process_group("nccl", store=store, rank=rank, world_size=world_size, timeout=timeout,
                                     device_id=torch.device("cuda", rank))
         else:
-            dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout_s))
+            dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
         if dist.is_initialized():  # (unless fn tore the group down itself)
@@ -48,10 +53,14 @@ def _child(fn, rank: int, world_size: int, port: int, outdir: str, args: tuple, 
                 dist.barrier()  # nobody tears down while a peer is still inside a collective
             except RuntimeError:
                 pass  # a test that timed a peer out on purpose leaves the pairs closed; fn's result stands
-            if rank == 0:  # rank 0 hosts the TCP store: it stays up until every peer has torn its group down
-                _wait_for_peers(outdir, world_size, pg_timeout_s)
+            # Every rank tears down at once: NCCL's communicator teardown may wait for its peers, so rank 0 must not
+            # hold back its own (it did until 2026-11-29: rank 1 blocked in teardown, rank 0 waited for rank 1's
+            # marker, and a 2-GPU test idled pg_timeout_s = 300 s before finishing).
             dist.destroy_process_group()
         open(os.path.join(outdir, f"rank{rank}.down"), "w").close()
+        if rank == 0:  # rank 0 hosts the store: it stays up until every peer has torn its group down
+            _wait_for_peers(outdir, world_size, pg_timeout_s)
+        del store
     except BaseException:
         with open(os.path.join(outdir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
@@ -59,8 +68,6 @@ def _child(fn, rank: int, world_size: int, port: int, outdir: str, args: tuple, 
 
 
 def _wait_for_peers(outdir: str, world_size: int, timeout_s: float) -> None:
-    # A peer's teardown still talks to the store; had rank 0 exited first, the peer could abort in C++
-    # ("terminate called without an active exception") after a run that was otherwise correct.
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if all(os.path.exists(os.path.join(outdir, f"rank{r}.down")) for r in range(1, world_size)):

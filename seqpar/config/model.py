@@ -201,7 +201,7 @@ def check_architecture(cfg: Any) -> None:
         check(m.init_from is None, f"model.init_from with {a}: the Hugging Face import knows Llama weights only; "
               "unset model.init_from or use a mask option (dense, longformer, bigbird, blocksparse).")
     if a == "megalodon" and cp > 1:  # the states pass rank to rank; every attention chunk must be on one rank
-        need, layout = cp * m.megalodon_chunk, cfg.parallel.layout
+        need, layout = cp * m.megalodon_chunk, cfg.layout
         check(layout == "contiguous", f"model.arch=megalodon with parallel.cp={cp} needs parallel.layout=contiguous "
               f"(got {layout}): its state passes from each rank to the next in sequence order; set "
               "parallel.layout=contiguous.")

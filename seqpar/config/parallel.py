@@ -11,6 +11,8 @@ from seqpar.parallel.hybrid import HYBRID_LAYOUTS
 from seqpar.parallel.layout import LAYOUTS
 
 DIST_BACKENDS = ("auto", "nccl", "gloo")
+# auto: the run's layout is Config.layout (docs for packed documents under the document mask, else zigzag)
+LAYOUT_CHOICES = (*LAYOUTS, "auto")
 
 @dataclass(frozen=True)
 class ParallelConfig:
@@ -18,7 +20,7 @@ class ParallelConfig:
 
     dp: int = -1
     cp: int = 1
-    layout: str = "zigzag"
+    layout: str = "auto"  # zigzag | striped | contiguous | docs | auto (see seqpar.config.Config.layout)
     attention_backend: str = "auto"
     dist_backend: str = "auto"  # auto: nccl with CUDA, gloo otherwise
     # FSDP2 sharding of params / grads / optimizer state (seqpar.parallel.fsdp): dp_cp shards over all
@@ -32,15 +34,19 @@ class ParallelConfig:
     cp_comm: str = "ring"
     ulysses: int = 1  # hybrid's Ulysses degree U (divides cp); also offered to auto when > 1
     # cp_comm=allgather: K/V head slices pipelined (the next slice's gather hides behind this slice's
-    # kernels; backward reduce-scatters behind the next slice); cut to the KV heads; 1 = no overlap
-    allgather_slices: int = 4
+    # kernels; backward reduce-scatters behind the next slice); cut to the KV heads; 1 = no overlap;
+    # 0 = auto: the cost model's best count for the run's shape (more slices: more hidden, more kernel calls)
+    allgather_slices: int = 0
+    # cp_comm=ulysses: head chunks per rank pipelined (chunk c+1's all-to-all behind chunk c's kernel); cut to a
+    # divisor of the KV heads per rank; 1 = one all-to-all per tensor (default: chunking measured no gain)
+    ulysses_chunks: int = 1
 
     def __post_init__(self) -> None:
         check_choice("parallel.fsdp", self.fsdp, FSDP_MODES)
         check_positive("parallel.timeout_s", self.timeout_s)
         check(self.dp == -1 or self.dp > 0, f"parallel.dp={self.dp} must be a positive integer or -1 (auto).")
         check_positive("parallel.cp", self.cp)
-        check_choice("parallel.layout", self.layout, LAYOUTS)
+        check_choice("parallel.layout", self.layout, LAYOUT_CHOICES)
         check_choice("parallel.attention_backend", self.attention_backend, BACKEND_NAMES)
         check_choice("parallel.dist_backend", self.dist_backend, DIST_BACKENDS)
         self._check_cp_comm()
@@ -48,14 +54,17 @@ class ParallelConfig:
     def _check_cp_comm(self) -> None:
         check_choice("parallel.cp_comm", self.cp_comm, CP_COMM_CHOICES)
         check_positive("parallel.ulysses", self.ulysses)
-        check_positive("parallel.allgather_slices", self.allgather_slices)
+        check(isinstance(self.allgather_slices, int) and not isinstance(self.allgather_slices, bool)
+              and self.allgather_slices >= 0, f"parallel.allgather_slices={self.allgather_slices!r} must be a "
+              "non-negative integer (0: auto, the cost model's count; 1: no overlap; 2-8: pipelined slices).")
+        check_positive("parallel.ulysses_chunks", self.ulysses_chunks)
         u, cp, mode = self.ulysses, self.cp, self.cp_comm
         check(cp % u == 0, f"parallel.ulysses={u} does not divide parallel.cp={cp}; choose a divisor of {cp} "
                            "(Ulysses groups of U consecutive cp ranks) or parallel.cp_comm=ring with ulysses=1.")
         if mode == "hybrid":
             check(1 < u < cp, f"parallel.cp_comm=hybrid needs 1 < parallel.ulysses < parallel.cp={cp} (got ulysses={u}); "
                               "use parallel.cp_comm=ring (U=1) or parallel.cp_comm=ulysses (U=cp).")
-            check(self.layout in HYBRID_LAYOUTS, f"parallel.cp_comm=hybrid needs parallel.layout in "
+            check(self.layout in (*HYBRID_LAYOUTS, "auto"), f"parallel.cp_comm=hybrid needs parallel.layout in "
                   f"{list(HYBRID_LAYOUTS)} (got {self.layout}); or use parallel.cp_comm=ulysses or allgather.")
         elif mode == "ulysses":
             check(u in (1, cp), f"parallel.cp_comm=ulysses runs over the whole cp group (parallel.ulysses=1 or "

@@ -25,14 +25,15 @@ CP_COMM_CHOICES = (*CP_MODES, "auto")
 
 def make_cp_attn_fn(mode: str, *, group=None, ulysses_group=None, ring_group=None, layout: str = "zigzag",
                     backend: str = "auto", validate: str = "always",
-                    allgather_slices: Optional[int] = None) -> Callable[..., Tensor]:
+                    allgather_slices: Optional[int] = None,
+                    ulysses_chunks: Optional[int] = None) -> Callable[..., Tensor]:
     """The attention function of ``mode`` (one of :data:`CP_MODES`) on shards of ``layout``.
 
     ``group``: the cp group (ring, allgather, ulysses); ``ulysses_group`` / ``ring_group``: the hybrid's 2-D
     cp group (:func:`seqpar.parallel.mesh.cp_subgroups`). ``validate`` as in
     :func:`~seqpar.parallel.ring_attention.make_ring_attn_fn` (``"first"``: the cross-rank shape check once
-    per shape signature); ``allgather_slices``: the all-gather mode's pipelined K/V head slices (None: its
-    default). Raises ValueError for an unknown mode or a hybrid without its groups.
+    per shape signature); ``allgather_slices`` / ``ulysses_chunks``: the all-gather mode's pipelined K/V head
+    slices and the Ulysses mode's head chunks (None: their defaults). Raises ValueError for an unknown mode or a hybrid without its groups.
     """
     if mode not in CP_MODES:
         raise ValueError(f"parallel.cp_comm={mode!r} is not one of {list(CP_COMM_CHOICES)}; "
@@ -58,7 +59,7 @@ def make_cp_attn_fn(mode: str, *, group=None, ulysses_group=None, ring_group=Non
             if check:
                 check_shapes(q, k, v, group, layout, causal, mask)
             if mode == "ulysses":
-                out = ulysses_attention(q, k, v, group=group, validate=False, **kw)
+                out = ulysses_attention(q, k, v, group=group, validate=False, slices=ulysses_chunks, **kw)
             else:
                 out = allgather_attention(q, k, v, group=group, validate=False, slices=allgather_slices, **kw)
         seen.add(key)
@@ -99,14 +100,24 @@ def choose_mode(cfg: Any, world_gpus_per_node: int = 8) -> str:
         return mode
     if p.cp == 1:
         return "ring"
-    from seqpar.parallel.cost import AttnShape, Cluster, mode_time
+    from seqpar.parallel.cost import calib_for, mode_time, run_shape
 
-    shape = AttnShape(seq_len=cfg.train.seq_len, heads=m.n_heads, kv_heads=m.kv_heads, head_dim=m.head_dim,
-                           batch=cfg.train.batch_size, layers=m.n_layers)
-    cluster = Cluster(gpus=p.cp, gpus_per_node=world_gpus_per_node)
-    times = {md: mode_time(md, shape, cluster, ulysses=p.ulysses if md == "hybrid" else None)["time"]
-             for md in usable_modes(p.cp, p.ulysses, m.n_heads, p.layout)}
+    shape, cluster = run_shape(cfg, p.cp, world_gpus_per_node)
+    cal = calib_for(p, shape, cluster)
+    times = {md: mode_time(md, shape, cluster, cal, ulysses=p.ulysses if md == "hybrid" else None)["time"]
+             for md in usable_modes(p.cp, p.ulysses, m.n_heads, getattr(cfg, "layout", p.layout))}
     return min(times, key=lambda md: (times[md], CP_MODES.index(md)))
+
+
+def allgather_slices(cfg: Any, world_gpus_per_node: int = 8) -> int:
+    """``parallel.allgather_slices`` resolved: 0 (auto) is the cost model's best count for this run's shape
+    (:func:`seqpar.parallel.cost.best_slices`; deterministic, so every rank resolves the same)."""
+    p = cfg.parallel
+    if p.allgather_slices:
+        return p.allgather_slices
+    from seqpar.parallel.cost import best_slices, run_shape
+
+    return best_slices(*run_shape(cfg, p.cp, world_gpus_per_node))
 
 
 def cp_attn_fn(cfg: Any, mesh) -> Callable[..., Tensor]:
@@ -114,5 +125,5 @@ def cp_attn_fn(cfg: Any, mesh) -> Callable[..., Tensor]:
     shapes are fixed per run, so the cross-rank shape check runs once per shape signature."""
     p = cfg.parallel
     return make_cp_attn_fn(choose_mode(cfg), group=mesh.cp_group, ulysses_group=mesh.ulysses_group,
-                           ring_group=mesh.ring_group, layout=p.layout, backend=p.attention_backend, validate="first",
-                           allgather_slices=p.allgather_slices)
+                           ring_group=mesh.ring_group, layout=cfg.layout, backend=p.attention_backend, validate="first",
+                           allgather_slices=allgather_slices(cfg), ulysses_chunks=p.ulysses_chunks)

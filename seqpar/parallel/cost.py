@@ -43,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 # The measured kernel rates and mode efficiencies (data only).
 from seqpar.parallel.cost_data import FWD_SHARE, HYBRID_MEASURED_U, KERNEL_TFLOPS, MEASURED
@@ -103,18 +103,51 @@ class Calib:
     inter_latency_s: float = 1e-4  # assumed: one collective/step across nodes
     grad_bytes: int = 4           # dK/dV accumulators travel in fp32
     slices: int = 4               # all-gather overlap slices
-    ulysses_chunks: Optional[int] = None  # Ulysses head chunks per rank (None: the code's, min(4, KV heads/rank)
-    #                               cut to a divisor); every MEASURED Ulysses row ran unchunked: MEASURED_CHUNKS
+    ulysses_chunks: Optional[int] = None  # Ulysses head chunks per rank (None: the code's default, DEFAULT_CHUNKS,
+    #                               cut to a divisor of the KV heads/rank); the MEASURED rows' chunks: MEASURED_CHUNKS
 
 
 DEFAULT = Calib()
-MEASURED_CHUNKS = 1  # the Ulysses mode of every MEASURED row moved all heads in one all-to-all per tensor
+MEASURED_CHUNKS = 1  # the Ulysses mode of every calibration row moved all heads in one all-to-all per tensor
+DEFAULT_CHUNKS = 1  # = seqpar.parallel.ulysses.DEFAULT_SLICES (chunking measured no gain on 2 x H200, 2026-11-29)
+
+
+SLICE_CHOICES = (1, 2, 4, 8)  # the all-gather slice counts ``best_slices`` weighs
+
+
+def best_slices(s: AttnShape, c: Cluster, cal: Calib = DEFAULT) -> int:
+    """The all-gather slice count with the least PREDICTED time for this shape (ties: fewer slices): more
+    slices hide more of the gathers but make more, smaller kernel calls (``ag_call_s`` each)."""
+    cands = [x for x in SLICE_CHOICES if x <= max(1, s.hk)]
+    times = {x: mode_time("allgather", s, c, dataclasses.replace(cal, slices=x))["time"] for x in cands}
+    return min(cands, key=lambda x: (times[x], x))
+
+
+def run_shape(cfg: Any, cp: int, gpus_per_node: int = 8) -> tuple:
+    """``(AttnShape, Cluster)`` of a training run (a seqpar Config, read by attribute) on ``cp`` GPUs: its
+    attention shape (a window's visible share), and the kernel ``parallel.attention_backend`` names when its
+    rates are measured, else cuDNN's (auto's first choice)."""
+    m, t, backend = cfg.model, cfg.train, cfg.parallel.attention_backend
+    window = getattr(m, "window", None)
+    visible = 0.5 if window is None else min(0.5, (window + 1) / t.seq_len)
+    shape = AttnShape(seq_len=t.seq_len, heads=m.n_heads, kv_heads=m.kv_heads, head_dim=m.head_dim,
+                      batch=t.batch_size, visible=visible, layers=m.n_layers)
+    kernel = backend if backend in KERNEL_TFLOPS else "sdpa_cudnn"
+    return shape, Cluster(gpus=cp, gpus_per_node=max(1, gpus_per_node), kernel=kernel)
+
+
+def calib_for(parallel: Any, s: AttnShape, c: Cluster, cal: Calib = DEFAULT) -> Calib:
+    """``cal`` with a run's own overlap settings: ``parallel.allgather_slices`` (0 = auto: :func:`best_slices`
+    for this shape) and ``parallel.ulysses_chunks``."""
+    cal = dataclasses.replace(cal, ulysses_chunks=getattr(parallel, "ulysses_chunks", cal.ulysses_chunks))
+    slices = getattr(parallel, "allgather_slices", cal.slices)
+    return dataclasses.replace(cal, slices=slices if slices else best_slices(s, c, cal))
 
 
 def ulysses_chunks(kv_heads: int, u: int, cal: Calib) -> int:
     """Head chunks per rank of the Ulysses mode, as ``seqpar.parallel.ulysses.head_chunks`` picks them."""
     per_rank = max(1, kv_heads // u)
-    c = max(1, min(4 if cal.ulysses_chunks is None else cal.ulysses_chunks, per_rank))
+    c = max(1, min(DEFAULT_CHUNKS if cal.ulysses_chunks is None else cal.ulysses_chunks, per_rank))
     while per_rank % c:
         c -= 1
     return c

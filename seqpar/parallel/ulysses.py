@@ -8,7 +8,8 @@ need nothing special: the kernel sees the sequence as a single device would). Th
 and returned to the sequence split by the inverse all-to-all. Differentiable end to end: the all-to-alls
 are each other's adjoints and the rest is autograd.
 
-Overlap: a rank's ``H/N`` heads are cut into ``C`` chunks (``slices``, GQA groups whole); the all-to-all of
+Overlap (``slices=C > 1``; default 1, see :data:`DEFAULT_SLICES`): a rank's ``H/N`` heads are cut into ``C``
+chunks (GQA groups whole); the all-to-all of
 chunk ``c+1`` is in flight while chunk ``c`` computes, and chunk ``c``'s result travels back while ``c+1``
 computes (forward and backward alike, :class:`~seqpar.parallel.ulysses_comm.HeadChunkComm`): only the first
 chunk's inputs and the last chunk's results are exposed. Heads are independent, so the result does not depend
@@ -37,7 +38,11 @@ from seqpar.parallel.ring_attention import ring_mask, validate_inputs
 from seqpar.parallel.ring_plan import check_mask
 from seqpar.parallel.ulysses_comm import HeadChunkComm
 
-DEFAULT_SLICES = 4  # head chunks per rank: hides all but a quarter of the all-to-alls (cut to the KV heads per rank)
+# Head chunks per rank by default: 1 (one all-to-all per tensor). Chunking (2-4) hides all but a 1/C share of the
+# all-to-alls in the model, but measured on 2 x H200 (2026-11-29) it did not pay: 4 chunks gave 508 TFLOP/s/GPU at
+# 128k vs 515 unchunked (ring 534 both), and llama3-8b at 128k ran 6% behind the ring where unchunked Ulysses had
+# tied it at 64k (more, smaller all-to-alls and kernel calls). Kept as an option (parallel.ulysses_chunks).
+DEFAULT_SLICES = 1
 
 
 def kv_replication(n_heads: int, n_kv_heads: int, group: int) -> int:

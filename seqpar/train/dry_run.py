@@ -146,17 +146,14 @@ def attention_cost(cfg: Config, cp: int, gpus_per_node: Optional[int] = None) ->
     """PREDICTED attention time per step (fwd+bwd, all layers) of each ``parallel.cp_comm`` mode on ``cp`` GPUs
     (:mod:`seqpar.parallel.cost`): ``{"modes": {mode: prediction}, "best", "kernel", "gpus_per_node"}``.
     The kernel's rates are ``parallel.attention_backend``'s when measured, else cuDNN's (auto's first choice)."""
-    m, t = cfg.model, cfg.train
     if gpus_per_node is None:
         gpus_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 8))
-    kernel = cfg.parallel.attention_backend if cfg.parallel.attention_backend in cost.KERNEL_TFLOPS else "sdpa_cudnn"
-    visible = 0.5 if m.window is None else min(0.5, (m.window + 1) / t.seq_len)
-    shape = cost.AttnShape(seq_len=t.seq_len, heads=m.n_heads, kv_heads=m.kv_heads, head_dim=m.head_dim,
-                           batch=t.batch_size, visible=visible, layers=m.n_layers)
-    cluster = cost.Cluster(gpus=cp, gpus_per_node=max(1, gpus_per_node), kernel=kernel)
-    modes = cost.predict(shape, cluster)
+    shape, cluster = cost.run_shape(cfg, cp, gpus_per_node)
+    cal = cost.calib_for(cfg.parallel, shape, cluster)
+    modes = cost.predict(shape, cluster, cal)
     best = min(cost.MODES, key=lambda md: (modes[md]["time"], cost.MODES.index(md)))
-    return {"modes": modes, "best": best, "kernel": kernel, "gpus_per_node": cluster.gpus_per_node}
+    return {"modes": modes, "best": best, "kernel": cluster.kernel, "gpus_per_node": cluster.gpus_per_node,
+            "allgather_slices": min(cal.slices, shape.hk)}
 
 
 def _print_attention(cfg: Config, attn: dict) -> None:
@@ -164,6 +161,9 @@ def _print_attention(cfg: Config, attn: dict) -> None:
         if not math.isfinite(r["time"]):
             return f"{md} n/a"
         u = f" U={r['ulysses']}" if "ulysses" in r else ""
+        if md == "allgather" and "allgather_slices" in attn:
+            n = attn["allgather_slices"]
+            u = f" ({n} slice{'s' if n > 1 else ''})"
         when = f"{r['time'] * 1e3:,.1f} ms" if r["time"] < 10 else f"{r['time']:,.1f} s"
         return f"{md}{u} {when} ({r['efficiency']:.0%})"
 
@@ -180,7 +180,7 @@ def _print(cfg: Config, dp: int, cp: int, est: dict, gpu_gib: float, fits: bool)
     groups = mesh_groups(dp, cp)
     show = lambda lists: "; ".join(str(g) for g in lists[:4]) + (f"; ... ({len(lists)} groups)" if len(lists) > 4 else "")
     print(f"dry run | world {dp * cp} = dp {dp} x cp {cp} | fsdp {cfg.parallel.fsdp} (shard degree "
-          f"{est['shard_degree']}) | layout {cfg.parallel.layout} | attention {cfg.parallel.attention_backend}")
+          f"{est['shard_degree']}) | layout {cfg.layout} | attention {cfg.parallel.attention_backend}")
     print(f"  cp rings (ring attention): {show(groups['cp'])}")
     print(f"  dp groups (different rows): {show(groups['dp'])}")
     print(f"  model {m.name}: {est['params_total'] / 1e9:.3f}B params | dim {m.dim} layers {m.n_layers} heads "

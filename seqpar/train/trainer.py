@@ -207,7 +207,7 @@ class Trainer:
             return x
         from seqpar.parallel.layout import shard_sequence
 
-        return shard_sequence(x, 1, layout=self.cfg.parallel.layout, rank=self.mesh.cp_rank,
+        return shard_sequence(x, 1, layout=self.cfg.layout, rank=self.mesh.cp_rank,
                               world_size=self.mesh.cp, doc_ids=doc_ids)
 
     def _all_reduce(self, t: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -353,7 +353,7 @@ class Trainer:
         fsdp = f"fsdp {cfg.parallel.fsdp}" if self.fsdp_mesh is not None else "fsdp off"
         print(f"seqpar | {self.mesh.describe()} | model {cfg.model.name}: {n / 1e6:.2f}M params | "
               f"seq_len {cfg.train.seq_len} | batch {cfg.train.batch_size}x{cfg.train.grad_accum}x{self.mesh.dp} | "
-              f"attention {cfg.parallel.attention_backend} layout {cfg.parallel.layout} | {fsdp} | "
+              f"attention {cfg.parallel.attention_backend} layout {cfg.layout} | {fsdp} | "
               f"ac {cfg.train.ac} ffn_chunk {cfg.train.ffn_chunk} compile {cfg.train.compile} | run_dir {cfg.logging.run_dir}", flush=True)
         if self.step >= cfg.train.steps:
             print(f"already trained to step {self.step} >= train.steps={cfg.train.steps}; nothing to do "

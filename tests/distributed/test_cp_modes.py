@@ -122,7 +122,8 @@ def _run_model(mode, layout, docs, groups):
     from seqpar.parallel import make_cp_attn_fn, shard_sequence
 
     fn = make_cp_attn_fn(mode, group=None, ulysses_group=groups[0], ring_group=groups[1], layout=layout,
-                         backend="torch", validate="first", allgather_slices=2)  # 2 KV heads: 2 pipelined slices
+                         backend="torch", validate="first", allgather_slices=2,  # 2 KV heads: 2 pipelined slices
+                         ulysses_chunks=2)
     ids = DOCS if docs else None
     loss, grads = _loss_and_grads(fn, lambda t: shard_sequence(t, 1, layout=layout, doc_ids=DOCS), dist.all_reduce,
                                   doc_ids=ids)
@@ -249,7 +250,8 @@ def test_config_errors_name_fields_and_a_mode():
            "hybrid-u1": (dict(cp=4, cp_comm="hybrid"), ("parallel.ulysses", "cp_comm=ring")),
            "hybrid-striped": (dict(cp=4, ulysses=2, cp_comm="hybrid", layout="striped"), ("parallel.layout", "ulysses")),
            "ulysses-u": (dict(cp=8, ulysses=2, cp_comm="ulysses"), ("parallel.ulysses", "hybrid")),
-           "slices": (dict(cp=2, cp_comm="allgather", allgather_slices=0), ("parallel.allgather_slices",))}
+           "slices": (dict(cp=2, cp_comm="allgather", allgather_slices=-1), ("parallel.allgather_slices", "0: auto")),
+           "chunks": (dict(cp=2, cp_comm="ulysses", ulysses_chunks=-1), ("parallel.ulysses_chunks",))}
     for name, (kw, words) in bad.items():
         with pytest.raises(ConfigError) as e:
             ParallelConfig(**kw)

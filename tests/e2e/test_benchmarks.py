@@ -200,3 +200,12 @@ def test_cp_modes_report_and_predictions(tmp_path):
     shape, cl = cost.AttnShape(seq_len=s, heads=32, kv_heads=8), cost.Cluster(gpus=2, kernel="sdpa_cudnn")
     assert rows[3]["predicted"] == pytest.approx(cost.ideal_time(shape, cl) / cost.mode_time("ring", shape, cl)["time"])
     assert json.load(open(tmp_path / "cp_modes_NVIDIA-H200_x2_2026-11-28.json"))["rows"][2]["mode"] == "ulysses"
+    # an A/B row of the overlap setting: its prediction uses the same setting, and the table names it
+    four = modes.predicted("ulysses", "sdpa_cudnn", 2, s, 8, overlap=4)
+    one = modes.predicted("ulysses", "sdpa_cudnn", 2, s, 8, overlap=1)
+    assert four != one and one == modes.predicted("ulysses", "sdpa_cudnn", 2, s, 8)  # the default: unchunked
+    assert modes.predicted("allgather", "sdpa_cudnn", 2, s, 8, overlap=1) != modes.predicted(
+        "allgather", "sdpa_cudnn", 2, s, 8, overlap=4)
+    ab = [dict(rows[2], overlap=4, ms=20.0)]
+    assert "| ulysses | sdpa_cudnn | 2 | 32k | 32 | 4 |" in modes.write(str(tmp_path / "ab"), {
+        "device": "NVIDIA H200", "gpus": 2, "torch": "t", "date": "2026-11-28 19:00 UTC"}, rows[:1] + ab)

@@ -76,6 +76,28 @@ def test_choice_lists_come_from_their_modules():
         Config(parallel=ParallelConfig(cp=4), train=TrainConfig(seq_len=100))
 
 
+def test_auto_layout_balances_packed_documents():
+    """parallel.layout=auto (the default): docs for packed documents under the document mask on cp > 1 with dense
+    attention and a mode that takes it; zigzag otherwise; the run shards with Config.layout, the field stays auto."""
+    def layout(cp=2, doc_mask=True, seq=4096, **kw):
+        par = dict(cp=cp, **{k: v for k, v in kw.items() if k in ("cp_comm", "ulysses", "layout")})
+        model = {k: v for k, v in kw.items() if k in ("attention", "window")}
+        cfg = Config(parallel=ParallelConfig(**par), data=DataConfig(doc_mask=doc_mask), train=TrainConfig(seq_len=seq),
+                     model=ModelConfig(**model))
+        assert cfg.parallel.layout == kw.get("layout", "auto")
+        return cfg.layout
+
+    assert ParallelConfig().layout == "auto"
+    assert layout() == "docs" and layout(cp=4, cp_comm="ulysses") == "docs" and layout(cp_comm="allgather") == "docs"
+    assert layout(doc_mask=False) == "zigzag" and layout(cp=1) == "zigzag"
+    assert layout(cp=4, ulysses=2, cp_comm="hybrid") == "zigzag"  # the hybrid splits zigzag / contiguous shards only
+    assert layout(attention="longformer", window=64) == "zigzag"  # sparse patterns: tested on zigzag / striped
+    assert layout(seq=4100) == "zigzag"  # 4 docs chunks per rank do not divide it; zigzag (2 per rank) does
+    assert layout(layout="striped") == "striped"  # what the user wrote wins
+    with pytest.raises(ConfigError, match="train.seq_len=4098 is not divisible by 4"):
+        layout(seq=4098)  # neither docs (8) nor zigzag (4): the error names the layout actually used
+
+
 def test_cli_keeps_yaml_keys_and_command_line_rope_scaling():
     cfg = load_config(["model.rope_scaling={rope_type: yarn, factor: 4, original_max_position_embeddings: 64}"])
     assert cfg.model.rope_scaling == {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 64}

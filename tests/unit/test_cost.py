@@ -254,7 +254,8 @@ def test_ulysses_chunks_follow_the_code_and_hide_all_to_alls():
                 assert cost.ulysses_chunks(kv, u, cost.DEFAULT) == head_chunks(32 * kv, kv, u), (kv, u)
     s, c = cost.AttnShape(seq_len=2**18, kv_heads=8), cost.Cluster(gpus=2)
     one = cost.mode_time("ulysses", s, c, dataclasses.replace(cost.DEFAULT, ulysses_chunks=1))
-    four = cost.mode_time("ulysses", s, c)  # 8 KV heads on 2 GPUs: 4 chunks
+    assert cost.mode_time("ulysses", s, c) == one  # the default: unchunked (measured no gain)
+    four = cost.mode_time("ulysses", s, c, dataclasses.replace(cost.DEFAULT, ulysses_chunks=4))  # 8 KV on 2: 4
     a2a = cost._a2a(s, c, 2, 8, cost.DEFAULT)
     assert one["parts"] == {"kernel": one["parts"]["kernel"], "exposed_comm": pytest.approx(a2a), "contention": 0.0}
     # 4 chunks: a quarter of each pass exposed (the kernels outlast the rest), the rest slows them by gamma
@@ -262,3 +263,33 @@ def test_ulysses_chunks_follow_the_code_and_hide_all_to_alls():
     assert four["parts"]["exposed_comm"] == pytest.approx(2 * (a2a / 2 + lat) / 4)
     assert four["parts"]["contention"] == pytest.approx(cost.DEFAULT.gamma * 3 / 4 * (a2a + 2 * lat))
     assert four["parts"]["kernel"] < four["time"] < one["time"]
+
+
+def test_allgather_slices_auto_takes_the_predicted_best():
+    """parallel.allgather_slices=0 (the default): the slice count with the least predicted time for the run's shape,
+    the same in the dry run, in auto's mode choice and in the attention the trainer builds."""
+    from types import SimpleNamespace
+
+    from seqpar.config import Config, ModelConfig, ParallelConfig, TrainConfig
+    from seqpar.parallel.attention_fn import allgather_slices
+
+    c = cost.Cluster(gpus=2, kernel="sdpa_cudnn")
+    for seq, kv in ((32768, 8), (131072, 32), (262144, 32), (65536, 1)):
+        s = cost.AttnShape(seq_len=seq, kv_heads=kv)
+        times = {x: cost.mode_time("allgather", s, c, dataclasses.replace(cost.DEFAULT, slices=x))["time"]
+                 for x in cost.SLICE_CHOICES if x <= kv}
+        best = cost.best_slices(s, c)
+        assert times[best] == min(times.values()) and best <= kv, (seq, kv, times)
+        assert cost.calib_for(SimpleNamespace(allgather_slices=0), s, c).slices == best
+        assert cost.calib_for(SimpleNamespace(allgather_slices=4), s, c).slices == 4  # what the user set wins
+    assert cost.best_slices(cost.AttnShape(seq_len=32768, kv_heads=8), c) == 1  # short: fewer, larger calls
+    cfg = Config(model=ModelConfig(dim=256, n_layers=2, n_heads=8, n_kv_heads=8), train=TrainConfig(seq_len=32768),
+                 parallel=ParallelConfig(cp=2, cp_comm="allgather"))
+    assert cfg.parallel.allgather_slices == 0
+    assert allgather_slices(cfg) == cost.best_slices(*cost.run_shape(cfg, 2))
+    fixed = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, allgather_slices=2))
+    assert allgather_slices(fixed) == 2
+    from seqpar.train.dry_run import attention_cost
+
+    attn = attention_cost(cfg, 2, gpus_per_node=8)
+    assert attn["allgather_slices"] == allgather_slices(cfg)

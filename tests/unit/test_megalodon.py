@@ -169,7 +169,8 @@ def test_cp_and_document_masks_are_one_clear_error(tmp_path):
     dataclasses.replace(cfg, parallel=par)  # contiguous, whole chunks per rank: built
     layout = r"model.arch=megalodon with parallel.cp=2 needs parallel.layout=contiguous \(got (zigzag|striped)\)"
     length = r"model.arch=megalodon with parallel.cp=2 needs train.seq_len=\d+ to be a multiple .* set train.seq_len="
-    for bad, msg in ((dict(parallel=ParallelConfig(cp=2)), layout),  # the default layout, zigzag
+    assert dataclasses.replace(cfg, parallel=ParallelConfig(cp=2)).layout == "contiguous"  # auto picks it
+    for bad, msg in ((dict(parallel=ParallelConfig(cp=2, layout="zigzag")), layout),
                      (dict(parallel=dataclasses.replace(par, layout="striped")), layout),
                      (dict(parallel=par, train=dataclasses.replace(cfg.train, seq_len=seq + 2)), length),  # 33 per rank
                      (dict(parallel=par, model=dataclasses.replace(cfg.model, megalodon_chunk=64)), length)):  # chunk > 32
