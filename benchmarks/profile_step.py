@@ -1,6 +1,7 @@
 """Where a training step's time goes, side by side for a few configurations (issue 17).
 
-    # default: llama3-1b on every visible GPU (cp = GPUs), one causal sequence vs packed documents
+    # default: llama3-1b on every visible GPU (cp = GPUs), one causal sequence vs packed documents (on the default
+    # layout, and on zigzag when cp > 1)
     python benchmarks/profile_step.py --seq-len 131072
     # any cases: NAME="overrides ..." (train.py overrides; the common ones below are added)
     python benchmarks/profile_step.py --nproc 2 --case dense="model=llama3-1b train.seq_len=65536 parallel.cp=2" \\
@@ -35,7 +36,10 @@ COMMON = ["checkpoint.every=0", "checkpoint.resume=false", "train.eval_every=0",
 def default_cases(nproc: int, seq_len: int) -> dict:
     base = ["model=llama3-1b", f"train.seq_len={seq_len}", f"parallel.cp={nproc}", "parallel.dp=1",
             "train.ffn_chunk=8192", "train.loss_chunk=4096", "train.ac=selective", f"data.max_bytes={max(8_000_000, 6 * seq_len)}"]
-    return {"dense causal": base + ["data.doc_mask=false"], "packed documents": base + ["data.doc_mask=true"]}
+    cases = {"dense causal": base + ["data.doc_mask=false"], "packed documents": base + ["data.doc_mask=true"]}
+    if nproc > 1:  # the default layout (auto = docs for packed documents) against zigzag, which balances only causal
+        cases["packed documents, zigzag"] = base + ["data.doc_mask=true", "parallel.layout=zigzag"]
+    return cases
 
 
 def profile_case(name: str, overrides: list, *, nproc: int, warmup: int, steps: int, workdir: str, out: str,
@@ -70,6 +74,10 @@ def markdown(info: dict, cases: list, rank: int) -> str:
         lines.append(table({c["name"]: c["ranks"][rank] for c in ok}))
         lines += ["", "Slowest rank's step: " + ", ".join(
             f"{c['name']} {max(r['step_ms'] for r in c['ranks']):.1f} ms" for c in ok)]
+        # ranks waiting on each other show as communication; unequal attention says why (load balance)
+        lines += ["", "Attention ms per step, rank by rank: " + "; ".join(
+            f"{c['name']} " + " / ".join(f"{r['ms_per_step'].get('attention', 0.0):.0f}" for r in c["ranks"])
+            for c in ok)]
     for c in cases:
         lines.append(f"- {c['name']}: `{' '.join(c['overrides'])}` ({c['status']}; log {os.path.basename(c['log'])})")
     return "\n".join(lines) + "\n"

@@ -118,6 +118,8 @@ def _worker(rank, world, run_root):
             out[(dp, cp, fsdp, ac, chunk)] = _step(model, tok, lab, pos, n_tok, after_backward=sync)
         # Trainer end to end: global batch of 4 rows split over dp.
         cfg = _trainer_cfg(os.path.join(run_root, f"dp{dp}cp{cp}"), dp, cp, batch=4 // dp)
+        # packed documents under the document mask: the default layout (auto) balances them with the docs layout
+        assert cfg.layout == ("docs" if cp > 1 else "zigzag"), cfg.layout
         hist = Trainer(cfg, mesh).fit()["history"]
         out[("trainer", dp, cp)] = [h["loss"] for h in hist]
     return out

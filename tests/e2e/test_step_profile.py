@@ -135,6 +135,14 @@ def test_profile_step_puts_cases_side_by_side(tmp_path):
         assert [r["rank"] for r in case["ranks"]] == [0, 1]
         assert all(r["ms_per_step"]["communication"] > 0 and r["steps"] == 1 for r in case["ranks"])
     assert "| part | dense ms/step | dense % | docs ms/step | docs % |" in proc.stdout
+    per_rank = [" / ".join(f"{r['ms_per_step']['attention']:.0f}" for r in c["ranks"]) for c in res["cases"]]
+    assert f"Attention ms per step, rank by rank: dense {per_rank[0]}; docs {per_rank[1]}" in proc.stdout
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    import profile_step
+
+    assert list(profile_step.default_cases(1, 4096)) == ["dense causal", "packed documents"]
+    two = profile_step.default_cases(2, 4096)  # cp > 1: the layout A/B for packed documents too
+    assert two["packed documents, zigzag"] == two["packed documents"] + ["parallel.layout=zigzag"]
     bad = subprocess.run([sys.executable, "benchmarks/profile_step.py", "--case", "nameless"], cwd=root,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "NAME=" in bad.stderr
