@@ -64,8 +64,9 @@ class ParallelConfig:
         if mode == "hybrid":
             check(1 < u < cp, f"parallel.cp_comm=hybrid needs 1 < parallel.ulysses < parallel.cp={cp} (got ulysses={u}); "
                               "use parallel.cp_comm=ring (U=1) or parallel.cp_comm=ulysses (U=cp).")
-            check(self.layout in (*HYBRID_LAYOUTS, "auto"), f"parallel.cp_comm=hybrid needs parallel.layout in "
-                  f"{list(HYBRID_LAYOUTS)} (got {self.layout}); or use parallel.cp_comm=ulysses or allgather.")
+            check(self.layout in (*HYBRID_LAYOUTS, "auto"),
+                  f"parallel.cp_comm=hybrid needs parallel.layout in {list(HYBRID_LAYOUTS)} (got {self.layout}); "
+                  "or use parallel.cp_comm=ulysses or allgather.")
         elif mode == "ulysses":
             check(u in (1, cp), f"parallel.cp_comm=ulysses runs over the whole cp group (parallel.ulysses=1 or "
                                 f"{cp}; got {u}); use parallel.cp_comm=hybrid for Ulysses inside groups of {u}.")

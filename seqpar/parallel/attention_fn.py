@@ -33,7 +33,8 @@ def make_cp_attn_fn(mode: str, *, group=None, ulysses_group=None, ring_group=Non
     cp group (:func:`seqpar.parallel.mesh.cp_subgroups`). ``validate`` as in
     :func:`~seqpar.parallel.ring_attention.make_ring_attn_fn` (``"first"``: the cross-rank shape check once
     per shape signature); ``allgather_slices`` / ``ulysses_chunks``: the all-gather mode's pipelined K/V head
-    slices and the Ulysses mode's head chunks (None: their defaults). Raises ValueError for an unknown mode or a hybrid without its groups.
+    slices and the Ulysses mode's head chunks (None: their defaults). Raises ValueError for an unknown mode or a
+    hybrid without its groups.
     """
     if mode not in CP_MODES:
         raise ValueError(f"parallel.cp_comm={mode!r} is not one of {list(CP_COMM_CHOICES)}; "
@@ -112,12 +113,9 @@ def choose_mode(cfg: Any, world_gpus_per_node: int = 8) -> str:
 def allgather_slices(cfg: Any, world_gpus_per_node: int = 8) -> int:
     """``parallel.allgather_slices`` resolved: 0 (auto) is the cost model's best count for this run's shape
     (:func:`seqpar.parallel.cost.best_slices`; deterministic, so every rank resolves the same)."""
-    p = cfg.parallel
-    if p.allgather_slices:
-        return p.allgather_slices
-    from seqpar.parallel.cost import best_slices, run_shape
+    from seqpar.parallel.cost import calib_for, run_shape
 
-    return best_slices(*run_shape(cfg, p.cp, world_gpus_per_node))
+    return calib_for(cfg.parallel, *run_shape(cfg, cfg.parallel.cp, world_gpus_per_node)).slices
 
 
 def cp_attn_fn(cfg: Any, mesh) -> Callable[..., Tensor]:

@@ -10,8 +10,9 @@ are each other's adjoints and the rest is autograd.
 
 Overlap (``slices=C > 1``; default 1, see :data:`DEFAULT_SLICES`): a rank's ``H/N`` heads are cut into ``C``
 chunks (GQA groups whole); the all-to-all of chunk ``c+1`` is in flight while chunk ``c`` computes, and chunk
-``c``'s result travels back while ``c+1`` computes (forward and backward alike, :class:`~seqpar.parallel.ulysses_comm.HeadChunkComm`): only the first
-chunk's inputs and the last chunk's results are exposed. Heads are independent, so the result does not depend
+``c``'s result travels back while ``c+1`` computes (forward and backward alike,
+:class:`~seqpar.parallel.ulysses_comm.HeadChunkComm`): only the first chunk's inputs and the last chunk's results
+are exposed. Heads are independent, so the result does not depend
 on ``C``. The backward keeps the whole-sequence q/k/v/out/lse of each chunk from the forward (as large as
 the local shards) and moves dout, dq, dk, dv by chunks the same way.
 
