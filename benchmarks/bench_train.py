@@ -22,7 +22,8 @@ MFU (seqpar.train.metrics): per-token FLOPs = 6 * N_matmul + 6 * n_layers * dim 
 attention, fwd+bwd; recompute not counted), x tokens/s / GPUs / the datasheet dense bf16 peak (989
 TFLOP/s for H100/H200). ``--ac auto`` picks per run the least recompute (no checkpointing with a plain,
 then a blockwise MLP; selective; full) whose dry-run estimate fits in 90% of the GPU, and the table says
-which. ``--compile on`` adds ``train.compile=true`` (fused norms, RoPE and MLP; seqpar.models.compile).
+which. ``--compile`` sets ``train.compile`` per run (fused norms, RoPE and MLP; seqpar.models.compile): ``on``
+(the default, what ``train.compile=auto`` gives a CUDA run), ``off``, or ``off,on`` for both.
 Next to the measured peak memory stands the dry-run estimate (:func:`seqpar.train.dry_run.estimate_memory`).
 Writes JSON, markdown and a PNG (MFU vs GPUs) into ``--out`` and prints the table last.
 """
@@ -262,7 +263,8 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=131072, help="strong scaling: total sequence")
     ap.add_argument("--ac", default="auto", help="none | selective | full | auto (scaling runs; auto also picks "
                     "train.ffn_chunk: the least recompute that fits)")
-    ap.add_argument("--compile", default="off", help="train.compile for the scaling runs: off | on | off,on (both)")
+    ap.add_argument("--compile", default="on", help="train.compile for the scaling runs: on (default, as train.compile="
+                    "auto on CUDA) | off | off,on (both)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the averages")
     ap.add_argument("--nproc", type=int, default=0, help="processes per named run (0: every visible GPU)")

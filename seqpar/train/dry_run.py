@@ -51,6 +51,12 @@ def param_counts(cfg: Config) -> dict:
     return {"total": total, "per_block": per_block, "root": total - per_block * len(model.layers)}
 
 
+def target_device(t) -> str:
+    """The device type an estimate plans for: ``train.device``, with ``auto`` meaning a GPU (the dry run sizes GPU
+    runs; the same rule picks bf16 and ``train.compile=auto``)."""
+    return "cpu" if t.device == "cpu" else "cuda"
+
+
 def estimate_memory(cfg: Config, dp: int, cp: int, *, bf16: bool = True) -> dict:
     """Per-GPU memory estimate in bytes for ``cfg`` on a ``[dp, cp]`` mesh (no allocation; meta device).
 
@@ -78,7 +84,7 @@ def estimate_memory(cfg: Config, dp: int, cp: int, *, bf16: bool = True) -> dict
         out["fsdp_buffers"] = a * n["total"] if bf16 else 0  # autocast's cached bf16 copies of the weights
 
     # Saved activations per token per layer (bytes), following what each op keeps for backward.
-    if t.compile:  # seqpar.models.compile: the partitioner keeps inputs, recomputes the element-wise middle
+    if t.compiled(target_device(t)):  # seqpar.models.compile: the partitioner keeps inputs, recomputes the middle
         norm = 2 * a * d + 4  # input + output (the projections' input) + fp32 rstd
         rope = 0  # linear in q/k: backward needs only the shared cos/sin
         mlp = 0 if t.ffn_chunk else 3 * a * h  # w1 x, w3 x and the product (measured: tests/test_compile.py)
@@ -86,6 +92,12 @@ def estimate_memory(cfg: Config, dp: int, cp: int, *, bf16: bool = True) -> dict
         norm = (4 + a) * d  # fp32 upcast + normed output
         rope = 4 * (d + kv) if bf16 else 0  # fp32 copies of q and k inside apply_rope
         mlp = 0 if t.ffn_chunk else 4 * a * h  # w1 x, silu(w1 x), w3 x, product
+    if bf16 and shard == 1:
+        # One GPU (no FSDP mixed precision): bf16 comes from autocast over fp32 weights, so the residual stream
+        # stays fp32 and each RMSNorm also keeps its fp32 normed tensor for the weight's gradient (saved-tensor
+        # census on the CPU; on one H200, llama3-1b shape at 64k, 2/6/16 layers measured 21.5/39.8/85.7 GiB
+        # against 18.6/33.7/71.5 without this term: benchmarks/NOTES-attention.md v4).
+        norm += 4 * d
     attn = a * (d + kv) + a * kv + a * d + 4 * heads  # q, k (roped), v, out; fp32 lse
     layer_none = 2 * norm + rope + attn + mlp
     saved = {"none": layer_none,
@@ -125,7 +137,7 @@ def dry_run(cfg: Config, world_size: Optional[int] = None, gpu_gib: Optional[flo
     world = _resolve_world(cfg) if world_size is None else world_size
     dp, cp = cfg.parallel.resolve(world)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=_vocab(cfg)))
-    bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and cfg.train.device != "cpu")
+    bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and target_device(cfg.train) == "cuda")
     est = estimate_memory(cfg, dp, cp, bf16=bf16)
     if gpu_gib is None:
         gpu_gib = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else 80.0
@@ -186,7 +198,8 @@ def _print(cfg: Config, dp: int, cp: int, est: dict, gpu_gib: float, fits: bool)
     print(f"  model {m.name}: {est['params_total'] / 1e9:.3f}B params | dim {m.dim} layers {m.n_layers} heads "
           f"{m.n_heads}/{m.kv_heads} ffn {m.ffn_dim} vocab {m.vocab_size}")
     print(f"  seq_len {t.seq_len:,} x batch {t.batch_size} per dp rank -> {est['tokens_per_gpu']:,} tokens per GPU | "
-          f"ac {t.ac} | ffn_chunk {t.ffn_chunk} | loss_chunk {t.loss_chunk} | compile {t.compile}")
+          f"ac {t.ac} | ffn_chunk {t.ffn_chunk} | loss_chunk {t.loss_chunk} | "
+          f"compile {t.compiled(target_device(t))}")
     dense = m.attention == "dense" and m.arch == "llama"
     print("  per-GPU memory estimate (GiB)" + ("" if dense else f", activations and attention cost estimated for DENSE "
           f"attention (the model has attention={m.attention} arch={m.arch}; parameters are counted exactly)") + ":")

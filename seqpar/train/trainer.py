@@ -139,7 +139,7 @@ class Trainer:
 
             apply_lora(model, cfg.lora)
         dmesh = parallelize(model, self.mesh, fsdp=cfg.parallel.fsdp, ac=t.ac, ffn_chunk=t.ffn_chunk,
-                            param_dtype=self.autocast, compile=t.compile)
+                            param_dtype=self.autocast, compile=t.compiled(self.device.type))
         if on_meta:
             model.to_empty(device=self.device)
             torch.manual_seed(t.seed)
@@ -354,7 +354,7 @@ class Trainer:
         print(f"seqpar | {self.mesh.describe()} | model {cfg.model.name}: {n / 1e6:.2f}M params | "
               f"seq_len {cfg.train.seq_len} | batch {cfg.train.batch_size}x{cfg.train.grad_accum}x{self.mesh.dp} | "
               f"attention {cfg.parallel.attention_backend} layout {cfg.layout} | {fsdp} | "
-              f"ac {cfg.train.ac} ffn_chunk {cfg.train.ffn_chunk} compile {cfg.train.compile} | run_dir {cfg.logging.run_dir}", flush=True)
+              f"ac {cfg.train.ac} ffn_chunk {cfg.train.ffn_chunk} compile {cfg.train.compiled(self.device.type)} | run_dir {cfg.logging.run_dir}", flush=True)
         if self.step >= cfg.train.steps:
             print(f"already trained to step {self.step} >= train.steps={cfg.train.steps}; nothing to do "
                   "(raise train.steps, or use another logging.run_dir).", flush=True)

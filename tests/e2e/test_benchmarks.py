@@ -209,3 +209,42 @@ def test_cp_modes_report_and_predictions(tmp_path):
     ab = [dict(rows[2], overlap=4, ms=20.0)]
     assert "| ulysses | sdpa_cudnn | 2 | 32k | 32 | 4 |" in modes.write(str(tmp_path / "ab"), {
         "device": "NVIDIA H200", "gpus": 2, "torch": "t", "date": "2026-11-28 19:00 UTC"}, rows[:1] + ab)
+
+
+def test_tile_sweep_picks_and_summary():
+    """bench_tiles: every grid tile is a launchable config of its kernel; the best tile per kernel is the lowest
+    mean over repeats; the composites add the kernels (plus the delta pass) and compare with cuDNN's run."""
+    tiles = pytest.importorskip("bench_tiles")
+    from seqpar.ops.attention.triton import fwd
+
+    jobs = list(tiles.tasks([128]))
+    assert {j[0] for j in jobs} == set(tiles.MATMULS) and all(j[3] in (False, True) for j in jobs if j[0] == "dkdv")
+    saved = fwd.FWD_CONFIGS[128]
+    with tiles.pinned("fwd", 128, (64, 64, 4, 3)):
+        (cfg,) = fwd.FWD_CONFIGS[128]
+        assert (cfg.kwargs["BLOCK_M"], cfg.num_warps) == (64, 4)
+    assert fwd.FWD_CONFIGS[128] is saved and tiles._listed("fwd", 128, (128, 64, 8, 3))
+    assert not tiles._listed("fwd", 128, (64, 64, 4, 3))
+
+    def rec(kernel, tile, tma, ms, rep, listed):
+        return dict(kernel=kernel, head_dim=128, tile=tile, tma=tma, rep=rep, seq=16384, batch=4, heads=32,
+                    listed=listed, ms=ms, others={"pre": 0.5} if kernel == "dq" else {})
+
+    records = [rec("fwd", "128x64x8x3", None, 10.0, 0, True), rec("fwd", "64x64x4x3", None, 9.0, 0, False),
+               rec("dkdv", "64x128x8x3", True, 20.0, 0, True), rec("dkdv", "64x64x4x2", True, 17.0, 0, False),
+               rec("dkdv", "64x64x4x2", True, 21.0, 1, False),  # mean 19.0: still the best, by its mean
+               rec("dq", "128x64x8x3", None, 12.0, 0, True),
+               dict(kernel="dkdv", head_dim=128, tile="64x32x4x3", tma=False, rep=0, listed=False, error="OutOfRes"),
+               dict(kernel="fwdbwd", impl="sdpa_cudnn", head_dim=128, seq=16384, batch=4, heads=32, ms=33.0,
+                    tflops=500.0)]
+    assert tiles.picks(records, 128, "best")["dkdv"] == ("64x64x4x2", True, 19.0)
+    assert tiles.picks(records, 128, "listed")["fwd"][0] == "128x64x8x3"
+    records.insert(0, rec("dkdv_atomic", "64x128x8x3", True, 25.0, 0, True))  # the atomic-dQ composite
+    rows = {r["what"].split(" (")[0]: r for r in tiles.summary(records, [128])}
+    assert rows["kernels, dQ kernel, listed tiles"]["ms"] == pytest.approx(10.0 + 20.0 + 12.0 + 0.5)
+    assert rows["kernels, dQ kernel, best tiles"]["ms"] == pytest.approx(9.0 + 19.0 + 12.0 + 0.5)
+    assert rows["kernels, dQ kernel, best tiles"]["vs_cudnn"] == pytest.approx(33.0 / 40.5, abs=1e-3)
+    assert rows["kernels, atomic dQ, best tiles"]["ms"] == pytest.approx(9.0 + 25.0)  # no dQ kernel, no delta here
+    assert tiles.MATMULS["dkdv_atomic"] == 5 and tiles.tables()["dkdv_atomic"] is tiles.tables()["dkdv"]
+    md = tiles.markdown(records, tiles.summary(records, [128]), dict(device="d", torch="t", triton="3", date="x"))
+    assert "OutOfRes" in md and md.index("## fwd+bwd") > md.index("64x64x4x2")

@@ -79,12 +79,15 @@ def test_config_validation_errors_name_the_field():
 @pytest.mark.timeout(120)
 def test_deterministic_flag_sets_the_process_up():
     """train.deterministic turns torch's deterministic algorithms on before the model is built (a child
-    process: the setting is global) and the Triton kernel's dQ mode follows it."""
+    process: the setting is global); the Triton kernel's default dQ mode is the deterministic one, and the
+    atomic mode is refused once determinism is on."""
     code = ("import torch; from seqpar.train.preflight import set_determinism; "
-            "from seqpar.ops.attention.triton.function import default_dq_mode; import os; "
-            "assert default_dq_mode(64) == 'atomic'; set_determinism(True); "
+            "from seqpar.ops.attention.triton.function import _dq_mode, default_dq_mode; import os; "
+            "assert default_dq_mode(64) == 'kernel' and _dq_mode(64, 'atomic', None) == 'atomic'; "
+            "set_determinism(True); "
             "assert torch.are_deterministic_algorithms_enabled() and os.environ['CUBLAS_WORKSPACE_CONFIG']; "
-            "assert default_dq_mode(64) == 'kernel'; print('ok')")
+            "assert default_dq_mode(64) == 'kernel'\n"
+            "try:\n    _dq_mode(64, 'atomic', True)\nexcept ValueError:\n    print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=100)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 

@@ -166,3 +166,50 @@ def test_gpu_sdpa_records_match_float64(backend):
     o2, _ = attention_with_lse(qt, k, v, causal=True, backend=backend)
     o2.backward(dout)
     assert torch.equal(o2, out) and _rel(qt.grad, ref[2]) < 2e-2
+
+
+def _listed_tiles():
+    """(kernel, head_dim, config index, tma, dq_mode) for every tile the autotuner may pick at D = 64 and 128; the
+    dK/dV tiles in both dQ modes (the atomic one adds dQ by TMA reduce in the TMA variant)."""
+    from seqpar.ops.attention.triton import bwd, bwd_dq, fwd
+    out = []
+    for d in (64, 128):
+        out += [("fwd", d, i, None, "kernel") for i in range(len(fwd.FWD_CONFIGS[d]))]
+        out += [("dq", d, i, None, "kernel") for i in range(len(bwd_dq.DQ_CONFIGS[d]))]
+        for mode in ("kernel", "atomic"):
+            out += [("dkdv", d, i, False, mode) for i in range(len(bwd.DKDV_CONFIGS[d]))]
+            out += [("dkdv_tma", d, i, True, mode) for i in range(len(bwd.DKDV_TMA_CONFIGS.get(d, [])))]
+    return out
+
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kernel,d,index,tma,dq_mode", _listed_tiles())
+def test_gpu_every_listed_tile_vs_sdpa_error(kernel, d, index, tma, dq_mode):
+    """Each autotune candidate pinned on its own (the others at their first tile; untuned launches run the only
+    listed tile): bf16 causal GQA with ragged edges, every output within 2x torch's own bf16 error vs float64.
+    The autotuner can pick any of them at large sizes, where the other tests never pin them."""
+    from seqpar.ops.attention.mask import LocalMask
+    from seqpar.ops.attention.triton import bwd, bwd_dq, fwd
+    from seqpar.ops.attention.triton import function as at
+    table = {"fwd": fwd.FWD_CONFIGS, "dq": bwd_dq.DQ_CONFIGS, "dkdv": bwd.DKDV_CONFIGS,
+             "dkdv_tma": bwd.DKDV_CONFIGS}[kernel]
+    tile = (bwd.DKDV_TMA_CONFIGS if kernel == "dkdv_tma" else table)[d][index]
+    torch.manual_seed(4)
+    b, s, h, hkv = 1, 1999, 8, 2
+    q, dout = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(b, s, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    saved = table[d]
+    table[d] = [tile]
+    try:
+        m = LocalMask(causal=True)
+        out, lse = at.forward(q, k, v, m, autotune=False)
+        grads = at.backward(dout, q, k, v, out, lse, m, dq_mode=dq_mode, tma=tma, autotune=False)
+    finally:
+        table[d] = saved
+    ref = _ref64(q, k, v, dout, causal=True)
+    sdpa = _sdpa_bf16(q, k, v, dout, _mask(s, s, "cuda", True, 0, 0, None, None, None).expand(b, 1, s, s))
+    for name, got, bar, r in zip(("out", "dq", "dk", "dv"), (out, *grads), sdpa, (ref[0], *ref[2:])):
+        err, err_sdpa = _rel(got, r), _rel(bar, r)
+        assert not torch.isnan(got).any() and err <= 2 * err_sdpa + 1e-3, (
+            f"{kernel} {tile} tma={tma} {dq_mode} {name}: triton {err:.2e} vs sdpa-bf16 {err_sdpa:.2e}")

@@ -155,6 +155,28 @@ def test_selective_keeps_what_the_dry_run_counts():
     assert none_per_layer > 3 * per_layer, (none_per_layer, per_layer)
 
 
+def test_one_gpu_autocast_norm_keeps_its_fp32_product():
+    """On one GPU bf16 comes from autocast over fp32 weights, so the residual stream is fp32: an RMSNorm keeps
+    its input (the stream itself), the fp32 normed tensor (for the weight's gradient) and the bf16 cast its
+    projection saves, 10 bytes per dim per token (+ an fp32 rstd), 4 more per dim than the dry run's bf16-stream
+    count. seqpar.train.dry_run.estimate_memory adds those 4 bytes per norm on one GPU only (under FSDP the
+    parameters themselves are bf16)."""
+    from seqpar.config import Config, ModelConfig as MC, TrainConfig
+    from seqpar.models.llama import RMSNorm
+    from seqpar.train.dry_run import estimate_memory
+    d, tokens = 64, 32
+    norm, lin = RMSNorm(d), torch.nn.Linear(d, d, bias=False)
+    x = torch.randn(1, tokens, d, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        nb, _ = saved_bytes(lambda: lin(norm(x)), [*norm.parameters(), *lin.parameters()])
+    weight_copy = 2 * d * d  # autocast's bf16 copy of lin.weight: a weight buffer, counted apart
+    assert nb - weight_copy == (4 + 4 + 2) * d * tokens + 4 * tokens, nb
+    cfg = Config(model=MC(name="t", dim=256, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=512, vocab_size=97),
+                 train=TrainConfig(seq_len=512, batch_size=1))
+    one, two = (estimate_memory(cfg, dp, 1)["activations"] for dp in (1, 2))
+    assert one - two == 512 * (2 * 3 + 1) * 4 * 256  # two norms per layer and the final one
+
+
 def default_attention_lse_bytes(x: torch.Tensor) -> int:
     """Bytes per lse element of the default attention for ``x``'s dtype (fp32 for half types, fp64 for fp64)."""
     q = x.new_zeros(1, 4, 1, 8).requires_grad_()

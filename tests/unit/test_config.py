@@ -98,6 +98,20 @@ def test_auto_layout_balances_packed_documents():
         layout(seq=4098)  # neither docs (8) nor zigzag (4): the error names the layout actually used
 
 
+def test_compile_auto_is_on_for_cuda_runs_only():
+    """train.compile=auto (the default): compiled on CUDA, eager on CPU; true/false win; the dry run's estimate
+    plans a GPU run unless train.device=cpu, and counts the compiled activations accordingly."""
+    from seqpar.train.dry_run import estimate_memory
+    assert TrainConfig().compile == "auto" and load_config([]).train.compile == "auto"
+    assert TrainConfig().compiled("cuda") and not TrainConfig().compiled("cpu")
+    assert TrainConfig(compile=False).compiled("cuda") is False and TrainConfig(compile=True).compiled("cpu") is True
+    for bad in ("yes", 1.0, None):
+        with pytest.raises(ConfigError, match="train.compile=.* must be true, false or auto"):
+            TrainConfig(compile=bad)
+    act = lambda **kw: estimate_memory(Config(train=TrainConfig(seq_len=4096, **kw)), 1, 1)["activations"]
+    assert act() == act(compile=True) < act(compile=False) == act(device="cpu")
+
+
 def test_cli_keeps_yaml_keys_and_command_line_rope_scaling():
     cfg = load_config(["model.rope_scaling={rope_type: yarn, factor: 4, original_max_position_embeddings: 64}"])
     assert cfg.model.rope_scaling == {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 64}

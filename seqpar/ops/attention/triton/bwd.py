@@ -17,7 +17,8 @@ key visits its whole document's rows; block-sparse pairs with no visible entry a
 
 Q/dO tile loads of the dK/dV kernel come in two compile-time variants (``USE_TMA``): per-thread
 pointers (masked on ragged rows), or TMA through device-side tensor descriptors over ``[B, H, Sq, D]``
-(block ``[1, 1, BLOCK_M, D]``; rows >= Sq are zero-filled by the hardware). The launcher
+(block ``[1, 1, BLOCK_M, D]``; rows >= Sq are zero-filled by the hardware); with ``DQ_ATOMIC`` the TMA variant
+also adds each dQ tile by one TMA bulk reduce (rows >= Sq clipped) instead of per-element atomics. The launcher
 (:mod:`.bwd_launch`) chooses the mode per call from its ``tma`` argument (:func:`.bwd_launch.tma_mode`):
 auto tunes both on sm90+ (TMA for the tiles in ``DKDV_TMA_CONFIGS``), ``True`` forces TMA where legal,
 ``False`` forces pointers; the mode is part of the autotune key. Nothing touches a device at import.
@@ -39,23 +40,25 @@ from seqpar.ops.attention.triton.masking import (MASK_KEYS, MASK_SCALARS, any_tr
 _LOG2E = tl.constexpr(1.4426950408889634)
 
 # (BLOCK_M, BLOCK_N, warps, stages): dK/dV programs own BLOCK_N keys and step BLOCK_M queries; dQ
-# programs own BLOCK_M queries and step BLOCK_N keys. Seeds: Flex/FA2 sm90 defaults; pruned by H200
-# autotune timings; the first is the GPU-tested default for small problems (NOTES-attention.md).
-# 16/32/256 are unmeasured.
+# programs own BLOCK_M queries and step BLOCK_N keys. Seeds: Flex/FA2 sm90 defaults, then the H200 tile
+# sweep (benchmarks/bench_tiles.py, NOTES-attention.md "v4"): one-warpgroup 64-key tiles (two programs per
+# SM) win at D = 64 and 128 with TMA loads. The first is the GPU-tested default for small (untuned)
+# problems, which take pointer loads. 16/32/256 are unmeasured.
 DKDV_CONFIGS = {
     16: [_cfg(64, 128, 8, 3), _cfg(32, 128, 4, 3)],
     32: [_cfg(64, 128, 8, 3), _cfg(32, 128, 4, 3)],
-    64: [_cfg(64, 128, 8, 3), _cfg(64, 128, 8, 2)],
-    128: [_cfg(64, 128, 8, 3), _cfg(32, 128, 8, 3), _cfg(64, 128, 8, 2)],
+    64: [_cfg(64, 128, 8, 3), _cfg(64, 64, 4, 4)],
+    128: [_cfg(64, 128, 8, 3), _cfg(64, 64, 4, 2), _cfg(64, 128, 8, 2)],
     256: [_cfg(64, 64, 8, 2), _cfg(32, 64, 4, 2)],
 }
 INTERPRET_DKDV_CONFIG = _cfg(16, 32, 4, 1)  # BLOCK_M != BLOCK_N on purpose: exercises unaligned diagonals
 
 # dK/dV configs that also get a TMA-load candidate (USE_TMA=True) when both are autotuned (sm90+): the
-# ones ptxas shows gaining registers (NOTES-attention.md, v2); the list stays short for compile time.
+# sweep's fastest TMA tiles (the 64-key tiles are 7-17% faster with TMA than with pointers); the list
+# stays short for compile time.
 DKDV_TMA_CONFIGS = {
-    64: [_cfg(64, 128, 8, 3), _cfg(64, 128, 8, 2)],
-    128: [_cfg(32, 128, 8, 3), _cfg(64, 128, 8, 3)],
+    64: [_cfg(64, 64, 4, 4), _cfg(64, 128, 8, 3)],
+    128: [_cfg(64, 64, 4, 2), _cfg(64, 128, 8, 3)],
 }
 
 
@@ -204,9 +207,12 @@ def _dkdv_tile(dk, dv, k, v, k_pos, k_ok, c_lo, c_hi, k_sink, Q_b, DO_b, DQ_b, L
     dk += tl.dot(dsT, tl.trans(qT), input_precision=DOT_PREC)
     if DQ_ATOMIC:
         dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PREC) * sm_scale  # [BLOCK_M, D]
-        dq_ptrs = DQ_b + h * stride_dqh + start_m.to(tl.int64) * stride_dqs + offs_m[:, None] * stride_dqs \
-            + offs_d[None, :]
-        tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
+        if USE_TMA:  # one bulk reduce-add of the tile by the TMA unit (FA3's dQ path); rows >= Sq are clipped
+            DQ_b.atomic_add([b32, h.to(tl.int32), start_m, 0], dq.reshape(1, 1, BLOCK_M, HEAD_DIM))
+        else:
+            dq_ptrs = DQ_b + h * stride_dqh + start_m.to(tl.int64) * stride_dqs + offs_m[:, None] * stride_dqs \
+                + offs_d[None, :]
+            tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
     return dk, dv
 
 
@@ -277,10 +283,16 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, DQ, Cols, Layout, Count,
         DO_b = tl.make_tensor_descriptor(DO, shape=[n_batch, H, Sq, HEAD_DIM],
                                          strides=[stride_dob, stride_doh, stride_dos, 1],
                                          block_shape=[1, 1, BLOCK_M, HEAD_DIM])
+        if DQ_ATOMIC:  # fp32 dQ [B, Sq, H, D] as [B, H, Sq, D] tiles, added by TMA reduce
+            DQ_b = tl.make_tensor_descriptor(DQ, shape=[n_batch, H, Sq, HEAD_DIM],
+                                             strides=[stride_dqb, stride_dqh, stride_dqs, 1],
+                                             block_shape=[1, 1, BLOCK_M, HEAD_DIM])
+        else:
+            DQ_b = DQ + b * stride_dqb
     else:
         Q_b = Q + b * stride_qb
         DO_b = DO + b * stride_dob
-    DQ_b = DQ + b * stride_dqb
+        DQ_b = DQ + b * stride_dqb
     Lse_b = Lse + b * H * Sq
     Delta_b = Delta + b * H * Sq
     b32 = (pid_bkv // hkv).to(tl.int32)

@@ -141,7 +141,7 @@ def attention_bwd_launch(dout, q, k, v, out, lse, mask: LocalMask, *, softmax_sc
         raise ValueError("tile_counts must be a contiguous int32 tensor [B * Hkv, number of key tiles].")
     scalars.update(bs_size=bs_size, bs_n=bs_n, qk_scale=scale * 1.4426950408889634, sm_scale=scale,
                    tune_size=tune_size(b, h, sq, sk, d))
-    mode = tma_mode(q, dout, tma=tma)
+    mode = tma_mode(q, dout, *([dq] if dq_mode == "atomic" else []), tma=tma)  # dQ: the TMA reduce target
     if mode and not interpreting():
         ensure_allocator()
     run_kernel(_attn_bwd_dkdv, lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), b * hkv), dkdv_candidates, autotune,

@@ -108,7 +108,8 @@ def run_kernel(kernel, grid, pick: Callable[[dict], list], autotune: bool, args:
 
 
 def interpreter_compat() -> None:
-    """Make triton 3.6's CPU interpreter run loops with run-time bounds under NumPy >= 2.4.
+    """Make triton 3.6's CPU interpreter run loops with run-time bounds under NumPy >= 2.4, and give it the
+    tensor-descriptor reduce (TMA bulk add) it lacks.
 
     Works around: the interpreter holds every scalar as a 1-element array and turns it into a loop
     bound with ``int(array)``, which NumPy 2.4 refuses (an expired deprecation), so any
@@ -127,6 +128,20 @@ def interpreter_compat() -> None:
 
     interpreter._patch_lang_tensor = patched
     interpreter._seqpar_index_compat = True
+    builder = interpreter.InterpreterBuilder
+    if not hasattr(builder, "create_descriptor_reduce"):  # TMA reduce (dQ's atomic add): absent in 3.6's interpreter
+        builder.create_descriptor_reduce = _descriptor_reduce
+
+
+def _descriptor_reduce(self, kind, desc, value, indices):
+    """The interpreter's missing tensor-descriptor reduce, for ``add`` (what the kernels use): an atomic add over
+    the block's in-bounds elements, as the TMA unit does (out-of-bounds rows are dropped)."""
+    from triton._C.libtriton import ir
+    if kind != ir.DESCRIPTOR_REDUCE_KIND.ADD:
+        raise NotImplementedError(f"descriptor reduce {kind} in the interpreter (only add is emulated)")
+    ptrs, mask = desc.materialize_pointers(indices)
+    op = ir.ATOMIC_OP.FADD if "float" in str(value.data.dtype) else ir.ATOMIC_OP.ADD
+    return self.create_atomic_rmw(op, ptrs, value, mask, ir.MEM_SEMANTIC.RELAXED, ir.MEM_SYNC_SCOPE.GPU)
 
 
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
