@@ -76,7 +76,7 @@ class TrainConfig:
 
     def compiled(self, device_type: str) -> bool:
         """Whether ``train.compile`` is on for a run on ``device_type`` ("cuda" | "cpu"): ``auto`` compiles on
-        CUDA (llama3-1b, one H200, 64k: +11% tokens/s, the same losses; benchmarks/NOTES-attention.md v4) and
+        CUDA (llama3-1b, one H200, 64k: +11% tokens/s, the same losses; benchmarks/results/session10_*) and
         not on CPU, where inductor's C++ compile costs more than the small models there gain."""
         return self.compile if isinstance(self.compile, bool) else device_type == "cuda"
 

@@ -96,7 +96,7 @@ def estimate_memory(cfg: Config, dp: int, cp: int, *, bf16: bool = True) -> dict
         # One GPU (no FSDP mixed precision): bf16 comes from autocast over fp32 weights, so the residual stream
         # stays fp32 and each RMSNorm also keeps its fp32 normed tensor for the weight's gradient (saved-tensor
         # census on the CPU; on one H200, llama3-1b shape at 64k, 2/6/16 layers measured 21.5/39.8/85.7 GiB
-        # against 18.6/33.7/71.5 without this term: benchmarks/NOTES-attention.md v4).
+        # against 18.6/33.7/71.5 without this term: benchmarks/results/session10_2026-11-29/NOTES.md).
         norm += 4 * d
     attn = a * (d + kv) + a * kv + a * d + 4 * heads  # q, k (roped), v, out; fp32 lse
     layer_none = 2 * norm + rope + attn + mlp

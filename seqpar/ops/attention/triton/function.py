@@ -10,7 +10,7 @@ lse) plus the ring-ready extras its registry record declares (``ring_accumulator
 
 Tuning choices are arguments, never global state: ``autotune`` (default on: GPU autotuning of the
 listed tiles; off: the first tile), ``tma`` (None auto, see :func:`.bwd_launch.tma_mode`),
-``deterministic`` (default ``torch.are_deterministic_algorithms_enabled()`` at call time) and
+``deterministic`` (True refuses ``dq_mode="atomic"``; the default dQ mode is deterministic anyway) and
 ``dq_mode`` (explicit override of :func:`default_dq_mode`).
 
 Layouts: q/out ``[B, Sq, H, D]``, k/v ``[B, Sk, Hkv, D]`` (GQA: ``H % Hkv == 0``, never expanded), lse
@@ -37,9 +37,9 @@ def default_dq_mode(head_dim: int, deterministic: Optional[bool] = None) -> str:
 
     Measured on H200 (benchmarks/NOTES-attention.md, v4): with the one-warpgroup 64-key dK/dV tiles the
     separate kernel is faster than ``"atomic"`` (dQ added by the dK/dV kernel, 5 matmuls, by TMA bulk reduce
-    where tuned) by 3% at head_dim 64 and 14-16% at 128, causal fwd+bwd 16k-64k. ``"atomic"`` stays an explicit option; it sums in
-    a run-dependent order, so ``deterministic`` refuses it (:func:`_dq_mode`). The arguments are kept so a
-    future measurement can make the choice depend on them again.
+    where tuned) by 3% at head_dim 64 and 14-16% at 128, causal fwd+bwd 16k-64k. ``"atomic"`` stays an
+    explicit option; it sums in a run-dependent order, so ``deterministic`` refuses it (:func:`_dq_mode`).
+    The arguments are kept so a future measurement can make the choice depend on them again.
     """
     del head_dim, deterministic
     return "kernel"
