@@ -51,6 +51,16 @@ def usage() -> str:
 
 
 def main(argv: list) -> int:
+    from seqpar.train.preemption import catch_early
+
+    release = catch_early()  # a stop signal during setup is honoured after the first step, not fatal
+    try:
+        return _main(argv)
+    finally:
+        release()
+
+
+def _main(argv: list) -> int:
     from seqpar.errors import ConfigError
     from seqpar.train import exit_codes as codes
     from seqpar.train.checkpoint import CheckpointError

@@ -6,7 +6,9 @@ Sources, any rank: SIGTERM (torchrun forwards it to workers; Slurm sends it befo
 touches it from its USR2 trap, since a signal cannot reach workers through torchrun safely), and the
 ``train.max_minutes`` budget. Signal handlers only set a flag; the loop asks :meth:`StopRequest.poll`
 after each step, which takes the MAX over ranks with an all-reduce, so every rank stops after the same
-step and saves the same checkpoint even when the signal reached only some of them.
+step and saves the same checkpoint even when the signal reached only some of them. train.py calls
+:func:`catch_early` first, so a signal that arrives while a rank is still setting up is kept for the loop
+instead of killing that rank while its peers wait in a collective.
 
 The all-reduce runs on a gloo group on CPU tensors: no CUDA synchronisation in the step loop.
 """
@@ -16,13 +18,36 @@ import os
 import signal
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 REASONS = {0: None, 1: "train.max_minutes reached", 2: "stop file found", 3: "signal received"}
 SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
+_EARLY: dict = {"signum": None}  # a stop signal that arrived before the loop's StopRequest took over
+
+
+def catch_early() -> Callable[[], None]:
+    """From process start (train.py calls it first), remember stop signals instead of dying of them, until a
+    :class:`StopRequest` is installed and adopts the signal: a SIGTERM while this rank still builds its model
+    (its peers may already be in a collective) then ends in a checkpoint after the first step, not in a dead
+    rank and a crash. A second Ctrl-C still interrupts. Returns the function that puts the old handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {sig: signal.signal(sig, _remember) for sig in SIGNALS}
+
+    def release() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _EARLY["signum"] = None
+    return release
+
+
+def _remember(signum, frame) -> None:
+    if signum == signal.SIGINT and _EARLY["signum"] == signal.SIGINT:
+        raise KeyboardInterrupt
+    _EARLY["signum"] = signum
 
 
 class StopRequest:
@@ -48,6 +73,8 @@ class StopRequest:
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
+            if _EARLY["signum"] is not None:  # asked for before the loop began (catch_early): honoured now
+                self.signum, _EARLY["signum"] = _EARLY["signum"], None
         return self
 
     def restore(self) -> None:
