@@ -29,7 +29,8 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from bench_attention import inputs, step_fn, time_ms  # noqa: E402  (benchmarks/ is this script's directory)
+# benchmarks/ is this script's directory
+from bench_attention import flops as attention_flops, inputs, step_fn, time_ms  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, warps, stages). dK/dV programs own BLOCK_N keys; forward and dQ programs own BLOCK_M queries.
 GRID = {
@@ -116,7 +117,8 @@ def kernel_ms(fn, target_s: float = 1.0) -> dict:
 
 
 def flops(b, h, s, d, matmuls: float) -> float:
-    return matmuls * 2.0 * b * h * s * s * d * 0.5
+    """Causal FLOPs of ``matmuls`` S x S x D matmuls per head (the forward has 2)."""
+    return attention_flops(b, h, s, d, True, "fwd") * matmuls / 2
 
 
 def _warm(job):

@@ -283,16 +283,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, DQ, Cols, Layout, Count,
         DO_b = tl.make_tensor_descriptor(DO, shape=[n_batch, H, Sq, HEAD_DIM],
                                          strides=[stride_dob, stride_doh, stride_dos, 1],
                                          block_shape=[1, 1, BLOCK_M, HEAD_DIM])
-        if DQ_ATOMIC:  # fp32 dQ [B, Sq, H, D] as [B, H, Sq, D] tiles, added by TMA reduce
-            DQ_b = tl.make_tensor_descriptor(DQ, shape=[n_batch, H, Sq, HEAD_DIM],
-                                             strides=[stride_dqb, stride_dqh, stride_dqs, 1],
-                                             block_shape=[1, 1, BLOCK_M, HEAD_DIM])
-        else:
-            DQ_b = DQ + b * stride_dqb
     else:
         Q_b = Q + b * stride_qb
         DO_b = DO + b * stride_dob
-        DQ_b = DQ + b * stride_dqb
+    DQ_b = DQ + b * stride_dqb
+    if USE_TMA and DQ_ATOMIC:  # fp32 dQ [B, Sq, H, D] as [B, H, Sq, D] tiles, added by TMA reduce
+        DQ_b = tl.make_tensor_descriptor(DQ, shape=[n_batch, H, Sq, HEAD_DIM],
+                                         strides=[stride_dqb, stride_dqh, stride_dqs, 1],
+                                         block_shape=[1, 1, BLOCK_M, HEAD_DIM])
     Lse_b = Lse + b * H * Sq
     Delta_b = Delta + b * H * Sq
     b32 = (pid_bkv // hkv).to(tl.int32)
